@@ -1,0 +1,383 @@
+//! Configuration: `worker.toml` plus `WORKER_*` environment overrides.
+//!
+//! Keys are named as in the Go worker's `config.yaml`, so migrating is a copy. Every problem is
+//! reported as one line naming the key, because the operator reads it in a terminal or a
+//! container log, not in a stack trace.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::duration;
+
+/// The secret shared with Wavelog's PHP backend. Its `Debug` never shows the value.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The sample secret of the repository's `worker.toml`; the worker warns when it runs with it.
+pub const SAMPLE_SECRET: &str = "SAMPLE-ONLY-change-me-0123456789abcdef0123456789abcdef";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Public listener (WebSocket, SSE). Empty bind = all interfaces, IPv4 and IPv6.
+    pub ws_bind: String,
+    pub ws_port: u16,
+    /// Internal listener (`/internal/*`), loopback by default because it holds the keys.
+    pub internal_bind: String,
+    pub internal_port: u16,
+    pub worker_secret: Secret,
+    /// A topic expires this long after its last registration.
+    pub topic_ttl: Duration,
+    /// Close sockets whose token expires (the Go worker only checks at connect).
+    pub enforce_token_expiry: bool,
+    /// Time a new WebSocket has to send its auth frame.
+    pub auth_timeout: Duration,
+    pub ping_interval: Duration,
+    /// A socket that sends nothing (not even a pong) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Window over which sockets are closed on shutdown, so browsers don't reconnect at once.
+    pub shutdown_drain: Duration,
+    /// Events queued per subscriber before it is considered lagging and told to resync.
+    pub subscriber_queue: usize,
+    /// Largest body accepted by the internal API.
+    pub max_payload_bytes: usize,
+}
+
+/// Every key the config file may contain.
+const KEYS: &[&str] = &[
+    "ws_bind",
+    "ws_port",
+    "internal_bind",
+    "internal_port",
+    "worker_secret",
+    "redis_url",
+    "topic_ttl",
+    "enforce_token_expiry",
+    "auth_timeout",
+    "ping_interval",
+    "idle_timeout",
+    "shutdown_drain",
+    "subscriber_queue",
+    "max_payload_bytes",
+];
+
+/// One line naming the key and the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config error: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Name of the environment variable that overrides `key`.
+pub fn env_name(key: &str) -> String {
+    if key == "worker_secret" {
+        "WORKER_SECRET".to_string()
+    } else {
+        format!("WORKER_{}", key.to_ascii_uppercase())
+    }
+}
+
+/// Where a key's value came from, so the error can point there.
+enum Value<'a> {
+    Env(String, String),
+    File(&'a toml::Value),
+}
+
+struct Source<'a> {
+    table: toml::Table,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Source<'_> {
+    fn get(&self, key: &str) -> Option<Value<'_>> {
+        let var = env_name(key);
+        match (self.env)(&var) {
+            Some(v) => Some(Value::Env(var, v)),
+            None => self.table.get(key).map(Value::File),
+        }
+    }
+
+    fn problem(&self, key: &str, value: &Value<'_>, expected: &str) -> ConfigError {
+        match value {
+            Value::Env(var, v) => ConfigError(format!(
+                "key \"{key}\" (from {var}): expected {expected}, got {v:?}"
+            )),
+            Value::File(v) => ConfigError(format!(
+                "key \"{key}\": expected {expected}, got {}",
+                show(v)
+            )),
+        }
+    }
+
+    fn string(&self, key: &str, default: &str) -> Result<String, ConfigError> {
+        match self.get(key) {
+            None => Ok(default.to_string()),
+            Some(Value::Env(_, v)) => Ok(v),
+            Some(v @ Value::File(raw)) => raw
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| self.problem(key, &v, "a string")),
+        }
+    }
+
+    fn integer(&self, key: &str, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
+        let expected = format!("an integer from {min} to {max}");
+        let value = match self.get(key) {
+            None => return Ok(default),
+            Some(v) => v,
+        };
+        let n = match &value {
+            Value::Env(_, s) => s.trim().parse::<i64>().ok(),
+            Value::File(raw) => raw.as_integer(),
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(self.problem(key, &value, &expected)),
+        }
+    }
+
+    fn boolean(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        let value = match self.get(key) {
+            None => return Ok(default),
+            Some(v) => v,
+        };
+        let b = match &value {
+            Value::Env(_, s) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Some(true),
+                "false" | "0" | "no" | "off" => Some(false),
+                _ => None,
+            },
+            Value::File(raw) => raw.as_bool(),
+        };
+        b.ok_or_else(|| self.problem(key, &value, "true or false"))
+    }
+
+    /// A Go-style duration string ("24h", "90m", "500ms") or an integer number of seconds.
+    fn duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let value = match self.get(key) {
+            None => return Ok(default),
+            Some(v) => v,
+        };
+        let parsed = match &value {
+            Value::Env(_, s) => duration::parse(s),
+            Value::File(toml::Value::String(s)) => duration::parse(s),
+            Value::File(toml::Value::Integer(n)) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
+            Value::File(_) => Err(String::new()),
+        };
+        parsed.map_err(|_| {
+            self.problem(
+                key,
+                &value,
+                "a duration such as \"24h\", \"90m\" or \"30s\"",
+            )
+        })
+    }
+
+    fn positive_duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let d = self.duration(key, default)?;
+        if d.is_zero() {
+            return Err(ConfigError(format!("key \"{key}\": must be positive")));
+        }
+        Ok(d)
+    }
+}
+
+/// A short rendering of a TOML value for error lines.
+fn show(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("{s:?}"),
+        toml::Value::Integer(n) => n.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        other => format!("a {}", other.type_str()),
+    }
+}
+
+impl Config {
+    /// Reads `path` and applies environment overrides. A missing file is only an error when the
+    /// environment does not provide the secret either (containers often configure by env alone).
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && env("WORKER_SECRET").is_some() =>
+            {
+                String::new()
+            }
+            Err(e) => return Err(ConfigError(format!("cannot read {}: {e}", path.display()))),
+        };
+        Self::from_toml(&text, env)
+    }
+
+    /// Parses TOML text and applies environment overrides.
+    pub fn from_toml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let first_line = e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid TOML")
+                .to_string();
+            ConfigError(format!("invalid TOML: {first_line}"))
+        })?;
+        if let Some(unknown) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            return Err(ConfigError(format!(
+                "unknown key \"{unknown}\" (known keys: {})",
+                KEYS.join(", ")
+            )));
+        }
+        let src = Source { table, env };
+
+        let secret = src.string("worker_secret", "")?;
+        if secret.is_empty() {
+            return Err(ConfigError(
+                "key \"worker_secret\": required (set it in the config file or WORKER_SECRET; \
+                 `wavelog-worker gen-secret` makes one)"
+                    .into(),
+            ));
+        }
+        if secret.chars().count() < 32 {
+            return Err(ConfigError(format!(
+                "key \"worker_secret\": too short ({} characters, at least 32 required)",
+                secret.chars().count()
+            )));
+        }
+        let redis_url = src.string("redis_url", "")?;
+        if !redis_url.trim().is_empty() {
+            return Err(ConfigError(
+                "key \"redis_url\": cluster mode (Redis) is not supported by this version yet; \
+                 remove the key to run standalone"
+                    .into(),
+            ));
+        }
+        let ping_interval = src.positive_duration("ping_interval", Duration::from_secs(30))?;
+        let idle_timeout = src.positive_duration("idle_timeout", Duration::from_secs(60))?;
+        if idle_timeout <= ping_interval {
+            return Err(ConfigError(format!(
+                "key \"idle_timeout\": must be longer than ping_interval ({})",
+                duration::format_go(ping_interval)
+            )));
+        }
+
+        Ok(Config {
+            ws_bind: src.string("ws_bind", "")?,
+            ws_port: src.integer("ws_port", 9000, 0, 65535)? as u16,
+            internal_bind: src.string("internal_bind", "127.0.0.1")?,
+            internal_port: src.integer("internal_port", 9001, 0, 65535)? as u16,
+            worker_secret: Secret::new(secret),
+            topic_ttl: src.positive_duration("topic_ttl", Duration::from_secs(24 * 3600))?,
+            enforce_token_expiry: src.boolean("enforce_token_expiry", false)?,
+            auth_timeout: src.positive_duration("auth_timeout", Duration::from_secs(10))?,
+            ping_interval,
+            idle_timeout,
+            shutdown_drain: src.duration("shutdown_drain", Duration::from_secs(2))?,
+            subscriber_queue: src.integer("subscriber_queue", 1024, 1, 1 << 20)? as usize,
+            max_payload_bytes: src.integer("max_payload_bytes", 1 << 20, 1, 64 << 20)? as usize,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, &no_env)
+    }
+
+    #[test]
+    fn defaults_match_the_go_worker() {
+        let c = parse(&format!("worker_secret = \"{SECRET}\"")).unwrap();
+        assert_eq!((c.ws_bind.as_str(), c.ws_port), ("", 9000));
+        assert_eq!(
+            (c.internal_bind.as_str(), c.internal_port),
+            ("127.0.0.1", 9001)
+        );
+        assert_eq!(c.topic_ttl, Duration::from_secs(86400));
+        assert!(!c.enforce_token_expiry);
+        assert_eq!(format!("{:?}", c.worker_secret), "[redacted]");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("worker_secret = \"short\"", "worker_secret"),
+            ("", "worker_secret"),
+            (
+                &format!("worker_secret = \"{SECRET}\"\nfoo = 1"),
+                "unknown key \"foo\"",
+            ),
+            (
+                &format!("worker_secret = \"{SECRET}\"\ntopic_ttl = \"soon\""),
+                "topic_ttl",
+            ),
+            (
+                &format!("worker_secret = \"{SECRET}\"\ntopic_ttl = \"0s\""),
+                "topic_ttl",
+            ),
+            (
+                &format!("worker_secret = \"{SECRET}\"\nws_port = 70000"),
+                "ws_port",
+            ),
+            (
+                &format!("worker_secret = \"{SECRET}\"\nredis_url = \"redis://x\""),
+                "redis_url",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = |k: &str| match k {
+            "WORKER_SECRET" => Some("from-env-0123456789abcdef0123456789".to_string()),
+            "WORKER_WS_PORT" => Some("9100".to_string()),
+            "WORKER_TOPIC_TTL" => Some("90m".to_string()),
+            _ => None,
+        };
+        let c =
+            Config::from_toml(&format!("worker_secret = \"{SECRET}\"\nws_port = 1"), &env).unwrap();
+        assert_eq!(
+            c.worker_secret.expose(),
+            b"from-env-0123456789abcdef0123456789"
+        );
+        assert_eq!(c.ws_port, 9100);
+        assert_eq!(c.topic_ttl, Duration::from_secs(5400));
+        let bad = |k: &str| (k == "WORKER_WS_PORT").then(|| "x".to_string());
+        let err = Config::from_toml(&format!("worker_secret = \"{SECRET}\""), &bad).unwrap_err();
+        assert!(err.to_string().contains("WORKER_WS_PORT"), "{err}");
+    }
+}

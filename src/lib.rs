@@ -1,0 +1,197 @@
+//! wavelog-worker: a real-time push gateway for Wavelog.
+//!
+//! `start` binds both listeners and returns a handle; `main.rs` only parses the command line and
+//! calls `run`, so tests start exactly the same server in-process on port 0.
+
+pub mod config;
+pub mod duration;
+pub mod hub;
+pub mod presence;
+pub mod registry;
+pub mod routes;
+pub mod server;
+pub mod status;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+use hub::Hub;
+use presence::Presence;
+use registry::Registry;
+use server::{Shutdown, Tracker};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Everything the routes share.
+pub struct AppState {
+    pub config: Config,
+    pub registry: Registry,
+    pub hub: Arc<Hub>,
+    pub presence: Arc<Presence>,
+    pub started: Instant,
+    pub shutdown: Shutdown,
+    /// Open WebSockets (and later streams), so shutdown can wait for them to close.
+    pub sockets: Arc<Tracker>,
+    next_conn_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Why the worker could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running worker.
+pub struct Worker {
+    pub public_addr: SocketAddr,
+    pub internal_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    trigger: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Binds both listeners and starts serving.
+pub async fn start(config: Config) -> Result<Worker, StartError> {
+    let bind_error = |key: &str, bind: &str, port: u16, e: std::io::Error| {
+        let shown = if bind.is_empty() { "*" } else { bind };
+        StartError(format!(
+            "config error: key \"{key}\": cannot listen on {shown}:{port}: {e}"
+        ))
+    };
+    let public = server::listen(&config.ws_bind, config.ws_port)
+        .await
+        .map_err(|e| bind_error("ws_port", &config.ws_bind, config.ws_port, e))?;
+    let internal = server::listen(&config.internal_bind, config.internal_port)
+        .await
+        .map_err(|e| {
+            bind_error(
+                "internal_port",
+                &config.internal_bind,
+                config.internal_port,
+                e,
+            )
+        })?;
+    let public_addr = public.local_addr().map_err(|e| StartError(e.to_string()))?;
+    let internal_addr = internal
+        .local_addr()
+        .map_err(|e| StartError(e.to_string()))?;
+
+    if config.worker_secret.expose() == config::SAMPLE_SECRET.as_bytes() {
+        tracing::warn!(
+            "worker_secret is the SAMPLE secret from the repository's worker.toml: \
+             generate your own with `wavelog-worker gen-secret` before going live"
+        );
+    }
+
+    let (trigger, shutdown) = Shutdown::new();
+    let state = Arc::new(AppState {
+        registry: Registry::new(config.topic_ttl),
+        hub: Hub::new(config.subscriber_queue),
+        presence: Presence::new(),
+        started: Instant::now(),
+        shutdown: shutdown.clone(),
+        sockets: Arc::new(Tracker::default()),
+        next_conn_id: AtomicU64::new(1),
+        config,
+    });
+
+    let tasks = vec![
+        tokio::spawn(server::serve(
+            public,
+            routes::public(state.clone()),
+            shutdown.clone(),
+        )),
+        tokio::spawn(server::serve(
+            internal,
+            routes::internal(state.clone()),
+            shutdown.clone(),
+        )),
+        tokio::spawn(sweep_topics(state.clone())),
+    ];
+    tracing::info!(
+        version = VERSION,
+        public = %public_addr,
+        internal = %internal_addr,
+        "wavelog-worker listening"
+    );
+    Ok(Worker {
+        public_addr,
+        internal_addr,
+        state,
+        trigger,
+        tasks,
+    })
+}
+
+impl Worker {
+    /// Stops accepting, closes every socket (spread over `shutdown_drain`), and returns once
+    /// they are closed or the drain window plus one second has passed.
+    pub async fn shutdown(self) {
+        let _ = self.trigger.send(true);
+        let limit = self.state.config.shutdown_drain + Duration::from_millis(900);
+        let _ = tokio::time::timeout(limit, self.state.sockets.wait_idle()).await;
+        for task in self.tasks {
+            task.abort();
+        }
+        tracing::info!("wavelog-worker stopped");
+    }
+}
+
+/// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let worker = start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    worker.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Drops expired topics now and then, so a backend that never unregisters can't grow us.
+async fn sweep_topics(state: Arc<AppState>) {
+    let every = state
+        .config
+        .topic_ttl
+        .clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let dropped = state.registry.sweep();
+        if dropped > 0 {
+            tracing::debug!(dropped, "expired topics swept");
+        }
+    }
+}

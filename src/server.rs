@@ -1,0 +1,182 @@
+//! Listeners: the accept loop, HTTP/1.1 per connection, and graceful shutdown.
+//!
+//! We drive hyper ourselves instead of `warp::serve` so that we control what a public port
+//! needs: a header read timeout (slow clients), the listen backlog, the peer address, and
+//! shutdown of upgraded WebSockets (which hyper's graceful shutdown does not track).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{watch, Notify};
+
+/// A listener's whole filter tree, boxed so both listeners share one serving loop.
+pub type Routes = warp::filters::BoxedFilter<(warp::reply::Response,)>;
+
+/// The peer address of a request, put into its extensions for the routes.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Resolves `bind` + `port` and listens. An empty bind means all interfaces (IPv6 and IPv4
+/// where the host has IPv6, IPv4 only otherwise).
+pub async fn listen(bind: &str, port: u16) -> std::io::Result<TcpListener> {
+    let bind = bind.trim();
+    if bind.is_empty() {
+        return match listen_on(SocketAddr::from(([0u16; 8], port))) {
+            Ok(l) => Ok(l),
+            Err(_) => listen_on(SocketAddr::from(([0u8; 4], port))),
+        };
+    }
+    let host = if bind.contains(':') && !bind.starts_with('[') {
+        format!("[{bind}]:{port}")
+    } else {
+        format!("{bind}:{port}")
+    };
+    let mut last_err = None;
+    for addr in tokio::net::lookup_host(host).await? {
+        match listen_on(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| std::io::Error::other("address resolves to nothing")))
+}
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() {
+        TcpSocket::new_v6()?
+    } else {
+        TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // A large backlog absorbs reconnect storms (thousands of browsers after a restart).
+    socket.listen(4096)
+}
+
+/// Tells tasks that the worker is shutting down.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    pub fn new() -> (watch::Sender<bool>, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Shutdown(rx))
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|down| *down).await;
+    }
+
+    pub fn is_down(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Counts long-lived tasks (sockets, streams) so shutdown can wait for them.
+#[derive(Default)]
+pub struct Tracker {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a tracked task; dropping it marks the task finished.
+pub struct Tracked(Arc<Tracker>);
+
+impl Tracker {
+    pub fn track(self: &Arc<Self>) -> Tracked {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        Tracked(self.clone())
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Resolves when no tracked task is left.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Accepts connections on `listener` and serves `filter` until shutdown.
+pub async fn serve(listener: TcpListener, filter: Routes, mut shutdown: Shutdown) {
+    let mut accept_error_logged = false;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                accept_error_logged = false;
+                let _ = stream.set_nodelay(true);
+                let filter = filter.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(serve_connection(stream, peer, filter, shutdown));
+            }
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning, and say it once.
+                if !accept_error_logged {
+                    tracing::warn!("accept failed: {e}");
+                    accept_error_logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    filter: Routes,
+    mut shutdown: Shutdown,
+) {
+    let warp_service = warp::service(filter);
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(PeerAddr(peer));
+        let mut svc = warp_service.clone();
+        tower_service::Service::call(&mut svc, req)
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!("connection from {peer}: {e}");
+            }
+        }
+        _ = shutdown.wait() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The status answer shared by `GET /internal/status` and the `worker.status` topic.
+
+use serde::Serialize;
+
+use crate::duration::format_go;
+use crate::AppState;
+
+#[derive(Serialize)]
+pub struct Status {
+    pub status: &'static str,
+    pub version: &'static str,
+    pub uptime: String,
+    pub uptime_seconds: u64,
+    pub registered_topics: usize,
+    pub active_topics: usize,
+    pub connected_clients: usize,
+    pub connected_sockets: usize,
+    pub cluster_nodes: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic_list: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_topic_list: Option<Vec<String>>,
+}
+
+impl Status {
+    /// Collects the figures; `with_lists` adds the topic lists (omitted when empty, as Go does).
+    pub fn collect(state: &AppState, with_lists: bool) -> Status {
+        let uptime = state.started.elapsed();
+        let (connected_clients, connected_sockets) = state.presence.counts();
+        let non_empty = |v: Vec<String>| (!v.is_empty()).then_some(v);
+        Status {
+            status: "ok",
+            version: crate::VERSION,
+            uptime: format_go(uptime),
+            uptime_seconds: uptime.as_secs(),
+            registered_topics: state.registry.count(),
+            active_topics: state.hub.active_topic_count(),
+            connected_clients,
+            connected_sockets,
+            cluster_nodes: -1,
+            topic_list: if with_lists {
+                non_empty(state.registry.names())
+            } else {
+                None
+            },
+            active_topic_list: if with_lists {
+                non_empty(state.hub.active_topics())
+            } else {
+                None
+            },
+        }
+    }
+}
