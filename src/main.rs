@@ -34,12 +34,15 @@ enum Command {
     },
     /// Print a fresh random secret (64 hex characters).
     GenSecret,
+    /// Exit 0 if the worker configured by --config answers GET /healthz (for Docker HEALTHCHECK).
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::GenSecret) => gen_secret(),
+        Some(Command::Healthcheck) => healthcheck(&cli.config),
         Some(Command::Token {
             topic,
             user_id,
@@ -126,4 +129,36 @@ fn make_token(path: &std::path::Path, topic: &str, user_id: i64, ttl: &str) -> E
     };
     println!("{}", token::sign(config.worker_secret.expose(), &claims));
     ExitCode::SUCCESS
+}
+
+/// Asks the public listener for `/healthz` with a plain blocking HTTP/1.0 request, so the
+/// container image needs no curl.
+fn healthcheck(path: &std::path::Path) -> ExitCode {
+    use std::io::{Read, Write};
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], config.ws_port));
+    let timeout = std::time::Duration::from_secs(3);
+    let answer = std::net::TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        Ok(buf)
+    });
+    match answer {
+        Ok(text) if text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200") => {
+            ExitCode::SUCCESS
+        }
+        Ok(text) => {
+            eprintln!("unhealthy: {}", text.lines().next().unwrap_or(""));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

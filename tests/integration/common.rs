@@ -1,0 +1,276 @@
+//! Test harness: a real worker started in-process on port 0, a raw HTTP client, and real
+//! WebSocket clients.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wavelog_worker::token::{self, Claims};
+use wavelog_worker::{Config, Worker};
+
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
+
+pub struct TestWorker {
+    pub worker: Worker,
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+    pub secret: String,
+}
+
+/// Starts a worker on loopback ports chosen by the OS; `extra` is appended to the config.
+pub async fn start(extra: &str) -> TestWorker {
+    start_with_secret(SECRET, extra).await
+}
+
+pub async fn start_with_secret(secret: &str, extra: &str) -> TestWorker {
+    let text = format!(
+        "ws_bind = \"127.0.0.1\"\nws_port = 0\ninternal_port = 0\nworker_secret = \"{secret}\"\n{extra}"
+    );
+    let config = Config::from_toml(&text, &|_| None).expect("test config is valid");
+    let worker = wavelog_worker::start(config).await.expect("worker starts");
+    TestWorker {
+        public: worker.public_addr,
+        internal: worker.internal_addr,
+        secret: secret.to_string(),
+        worker,
+    }
+}
+
+/// A whole HTTP answer.
+#[derive(Debug)]
+#[allow(dead_code)] // `head` is read by the SSE tests
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+#[allow(dead_code)]
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends one raw HTTP/1.1 request (`Connection: close`) and reads the whole answer.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(req.as_bytes()).await.expect("write head");
+    stream.write_all(body).await.expect("write body");
+    read_answer(stream).await
+}
+
+pub async fn read_answer(mut stream: TcpStream) -> Answer {
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("answer within 10 s");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    Answer {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// POST to the internal API with the secret.
+pub async fn internal(t: &TestWorker, route: &str, body: &str) -> Answer {
+    http(
+        t.internal,
+        "POST",
+        &format!("/internal/{route}"),
+        &[
+            ("X-Worker-Secret", &t.secret),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
+pub async fn register(t: &TestWorker, topic: &str, require_token: bool) {
+    let body = serde_json::json!({ "topic": topic, "meta": { "require_token": require_token } });
+    let a = internal(t, "register", &body.to_string()).await;
+    assert_eq!(a.status, 200, "register {topic}: {a:?}");
+}
+
+/// Publishes raw JSON `payload` text; returns the HTTP status.
+pub async fn publish(t: &TestWorker, topic: &str, payload: &str) -> u16 {
+    let topic = serde_json::to_string(topic).unwrap();
+    internal(
+        t,
+        "publish",
+        &format!("{{\"topic\":{topic},\"payload\":{payload}}}"),
+    )
+    .await
+    .status
+}
+
+pub async fn status(t: &TestWorker, query: &str) -> Value {
+    let a = http(
+        t.internal,
+        "GET",
+        &format!("/internal/status{query}"),
+        &[("X-Worker-Secret", SECRET)],
+        b"",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    a.json()
+}
+
+pub fn token_for(topic: &str, user_id: i64, ttl_secs: i64) -> String {
+    token::sign(
+        SECRET.as_bytes(),
+        &Claims {
+            user_id,
+            topic: topic.to_string(),
+            expires: unix_now() + ttl_secs,
+        },
+    )
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens `/ws?topic=...` (the topic is URL-encoded here).
+pub async fn ws_open(t: &TestWorker, topic: &str) -> Ws {
+    let q = serde_urlencoded::to_string([("topic", topic)]).unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?{q}", t.public))
+        .await
+        .expect("upgrade");
+    ws
+}
+
+/// The HTTP status a refused upgrade got.
+pub async fn ws_refused_status(t: &TestWorker, path_and_query: &str) -> u16 {
+    match tokio_tungstenite::connect_async(format!("ws://{}{path_and_query}", t.public)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("upgrade unexpectedly accepted"),
+    }
+}
+
+pub async fn send_json(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.expect("send");
+}
+
+/// Opens a socket, authenticates, and checks for `auth_ok`.
+pub async fn ws_subscribe(t: &TestWorker, topic: &str, token: &str) -> Ws {
+    let mut ws = ws_open(t, topic).await;
+    send_json(
+        &mut ws,
+        serde_json::json!({ "type": "auth", "token": token }),
+    )
+    .await;
+    let ok = next_json(&mut ws).await;
+    assert_eq!(ok["type"], "auth_ok", "{ok}");
+    ws
+}
+
+/// The next frame of any kind, skipping pings (5 s limit).
+pub async fn next_msg(ws: &mut Ws) -> Option<Message> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame within 5 s");
+        match m {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(m)) => return Some(m),
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+/// The next text frame as raw text.
+pub async fn next_text(ws: &mut Ws) -> String {
+    match next_msg(ws).await {
+        Some(Message::Text(t)) => t.to_string(),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+pub async fn next_json(ws: &mut Ws) -> Value {
+    let text = next_text(ws).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Asserts that no text frame arrives within `wait`.
+pub async fn assert_silent(ws: &mut Ws, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(other) => panic!("expected silence, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the server's close frame; returns its code (`None` if the TCP connection just
+/// ended).
+pub async fn close_code(ws: &mut Ws) -> Option<u16> {
+    loop {
+        match next_msg(ws).await {
+            Some(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+            Some(_) => continue,
+            None => return None,
+        }
+    }
+}
+
+/// Polls `check` until it holds (5 s limit), for counters that settle asynchronously.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

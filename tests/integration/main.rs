@@ -1,0 +1,6 @@
+//! Integration tests: the real server over real sockets.
+
+mod common;
+mod internal_api;
+mod process;
+mod websocket;
