@@ -56,6 +56,19 @@ pub struct Config {
     pub subscriber_queue: usize,
     /// Largest body accepted by the internal API.
     pub max_payload_bytes: usize,
+    /// Browser origins allowed on `/ws` and `/sse`; empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Comment line interval on idle SSE streams (below proxies' read timeouts).
+    pub sse_keepalive: Duration,
+    /// Reconnect delay suggested to EventSource (`retry:`).
+    pub sse_retry: Duration,
+    /// Events kept per topic for resume (0 = off).
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    /// Memory for history across all topics.
+    pub max_history_bytes: usize,
+    /// Topics one connection may subscribe to.
+    pub max_topics_per_connection: usize,
 }
 
 /// Every key the config file may contain.
@@ -74,6 +87,13 @@ const KEYS: &[&str] = &[
     "shutdown_drain",
     "subscriber_queue",
     "max_payload_bytes",
+    "allowed_origins",
+    "sse_keepalive",
+    "sse_retry",
+    "history_size",
+    "history_ttl",
+    "max_history_bytes",
+    "max_topics_per_connection",
 ];
 
 /// One line naming the key and the problem.
@@ -193,6 +213,27 @@ impl Source<'_> {
         })
     }
 
+    /// A list of strings; from the environment, comma-separated.
+    fn list(&self, key: &str) -> Result<Vec<String>, ConfigError> {
+        let value = match self.get(key) {
+            None => return Ok(Vec::new()),
+            Some(v) => v,
+        };
+        let items: Option<Vec<String>> = match &value {
+            Value::Env(_, s) => Some(s.split(',').map(str::to_string).collect()),
+            Value::File(toml::Value::Array(a)) => {
+                a.iter().map(|v| v.as_str().map(str::to_string)).collect()
+            }
+            Value::File(_) => None,
+        };
+        let items = items.ok_or_else(|| self.problem(key, &value, "a list of strings"))?;
+        Ok(items
+            .into_iter()
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect())
+    }
+
     fn positive_duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
         let d = self.duration(key, default)?;
         if d.is_zero() {
@@ -294,8 +335,16 @@ impl Config {
             ping_interval,
             idle_timeout,
             shutdown_drain: src.duration("shutdown_drain", Duration::from_secs(2))?,
-            subscriber_queue: src.integer("subscriber_queue", 1024, 1, 1 << 20)? as usize,
+            subscriber_queue: src.integer("subscriber_queue", 256, 1, 1 << 20)? as usize,
             max_payload_bytes: src.integer("max_payload_bytes", 1 << 20, 1, 64 << 20)? as usize,
+            allowed_origins: src.list("allowed_origins")?,
+            sse_keepalive: src.positive_duration("sse_keepalive", Duration::from_secs(15))?,
+            sse_retry: src.positive_duration("sse_retry", Duration::from_secs(2))?,
+            history_size: src.integer("history_size", 64, 0, 100_000)? as usize,
+            history_ttl: src.positive_duration("history_ttl", Duration::from_secs(300))?,
+            max_history_bytes: src.integer("max_history_bytes", 64 << 20, 0, 1 << 40)? as usize,
+            max_topics_per_connection: src.integer("max_topics_per_connection", 32, 1, 1024)?
+                as usize,
         })
     }
 }

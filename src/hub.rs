@@ -1,218 +1,478 @@
-//! The hub: one `tokio::sync::broadcast` channel per topic with subscribers.
+//! The hub: per-topic event ids, history, and `tokio::sync::broadcast` fan-out.
 //!
-//! A publish serializes its push frame once; every subscriber gets a clone of the same bytes.
-//! Each topic has its own small lock under which the event id is assigned and the frame is handed
-//! to the channel, so every subscriber sees a topic's events in the same order, the order the
-//! hub accepted them. The global map lock is held only to find or create a channel, never while
-//! sending, and `broadcast::Sender::send` never waits for a receiver: a slow subscriber cannot
-//! slow the publisher or anyone else. It lags, and is told to resync.
+//! A publish serializes its frames once (WebSocket text and SSE chunks); every subscriber gets a
+//! clone of the same bytes. Each topic has its own small lock under which the event id is
+//! assigned, the event is kept in the topic's history and handed to the channel, so every
+//! subscriber sees a topic's events in one order, the order the hub accepted them, and a
+//! subscription taken under the same lock sees no gap and no duplicate between replayed history
+//! and live events. The global map lock is held only to find or create a topic, never while
+//! sending; `broadcast::Sender::send` never waits for a receiver, so a slow subscriber slows
+//! nobody: it lags, and is told to resync.
+//!
+//! Event ids are `<epoch>-<seq>`: the epoch names this worker run (a restart changes it), the
+//! sequence is one counter for all topics, so ids are unique and increase within every topic,
+//! and a single number ("everything up to seq N") is a position in every topic at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures_util::Stream;
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-/// An event id: `<epoch>-<seq>`. The epoch names this worker run (a restart changes it); the
-/// sequence is one counter for all topics, so ids are unique and increase within every topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct EventId(pub u64);
-
-/// A pushed event as it goes out: the frame text, built once per publish.
+/// A pushed event as it goes out, serialized once per publish.
 #[derive(Debug)]
 pub struct FrameInner {
-    pub id: EventId,
-    /// `{"type":"push","topic":...,"id":...,"payload":...}`
+    pub seq: u64,
+    pub published: Instant,
+    /// `{"type":"push","topic":...,"id":...,"payload":...}`: the WebSocket frame, and SSE `data`.
     pub text: Utf8Bytes,
+    /// `id: <event id>\n`
+    pub sse_id: Bytes,
+    /// `data: <text>\n\n` (split over several `data:` lines if the payload has raw newlines).
+    pub sse_data: Bytes,
+}
+
+impl FrameInner {
+    /// Bytes held in memory for this frame, for the history budget.
+    fn cost(&self) -> usize {
+        self.text.len() + self.sse_id.len() + self.sse_data.len() + 96
+    }
 }
 
 pub type Frame = Arc<FrameInner>;
 
 /// What a subscriber receives next.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Delivery {
     Event(Frame),
     /// The subscriber fell behind and events were skipped: it must fetch state anew.
     Resync,
 }
 
-struct Channel {
-    topic: Arc<str>,
-    sender: Mutex<broadcast::Sender<Frame>>,
+/// History settings (`history_size`, `history_ttl`, `max_history_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    pub size: usize,
+    pub ttl: Duration,
+    pub max_bytes: usize,
+}
+
+/// What a new subscription starts with.
+#[derive(Debug)]
+pub enum Replay {
+    /// Events after the client's id, oldest first (empty when nothing was missed or no id was
+    /// given); live events follow without gap or duplicate.
+    Events(Vec<Frame>),
+    /// The client's id cannot be resumed from (other epoch, too old, unknown).
+    Resync,
+}
+
+pub struct Subscribed {
+    pub subscription: Subscription,
+    pub replay: Replay,
+    /// The subscriber's position: every event of the topic up to this id is either replayed or
+    /// was seen by the client before. A client that reconnects with it misses nothing.
+    pub position: String,
+}
+
+#[derive(Default)]
+struct Coalesce {
+    window_end: Option<Instant>,
+    /// The newest payload published inside the current window.
+    pending: Option<String>,
+    flush_scheduled: bool,
+}
+
+struct TopicState {
+    /// Present while the topic has subscribers.
+    sender: Option<broadcast::Sender<Frame>>,
+    history: VecDeque<Frame>,
+    /// The seq of the last event of this topic that is no longer in history (or the global
+    /// seq when this state was created): ids below it cannot be resumed from.
+    floor: u64,
+    /// When the last subscriber left (or the state was made without one).
+    idle_since: Option<Instant>,
+    coalesce: Coalesce,
+}
+
+struct Topic {
+    name: Arc<str>,
+    topic_json: String,
+    state: Mutex<TopicState>,
 }
 
 pub struct Hub {
     epoch: String,
     next_seq: AtomicU64,
     capacity: usize,
-    channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
+    limits: HistoryLimits,
+    history_bytes: AtomicUsize,
+    topics: Mutex<HashMap<Arc<str>, Arc<Topic>>>,
 }
 
 /// Result of a publish.
 #[derive(Debug, Clone)]
 pub struct Published {
-    pub id: String,
+    /// `None` when the event was held back by coalescing (it goes out at the window's end,
+    /// with the newest id then).
+    pub id: Option<String>,
     /// Subscribers the event was handed to.
     pub receivers: usize,
 }
 
 impl Hub {
     /// `capacity` is how many events a subscriber may fall behind before it must resync.
-    pub fn new(capacity: usize) -> Arc<Self> {
+    pub fn new(capacity: usize, limits: HistoryLimits) -> Arc<Self> {
         Arc::new(Hub {
             epoch: new_epoch(),
             next_seq: AtomicU64::new(1),
             capacity: capacity.max(1),
-            channels: Mutex::new(HashMap::new()),
+            limits,
+            history_bytes: AtomicUsize::new(0),
+            topics: Mutex::new(HashMap::new()),
         })
     }
 
-    pub fn epoch(&self) -> &str {
-        &self.epoch
+    pub fn format_id(&self, seq: u64) -> String {
+        format!("{}-{}", self.epoch, seq)
     }
 
-    pub fn format_id(&self, id: EventId) -> String {
-        format!("{}-{}", self.epoch, id.0)
+    /// The seq of an id from this run, `None` for anything else.
+    fn parse_id(&self, id: &str) -> Option<u64> {
+        let (epoch, seq) = id.trim().rsplit_once('-')?;
+        if epoch != self.epoch {
+            return None;
+        }
+        seq.parse().ok()
     }
 
-    /// Publishes `payload` (raw JSON text, forwarded byte for byte) to `topic`.
-    pub fn publish(&self, topic: &str, payload: &str) -> Published {
-        let channel = lock(&self.channels).get(topic).cloned();
-        let sender = channel.as_ref().map(|c| lock(&c.sender));
-        // The id is taken under the topic lock, so ids and send order agree.
-        let id = EventId(self.next_seq.fetch_add(1, Ordering::Relaxed));
-        let id_text = self.format_id(id);
-        let receivers = match sender {
-            Some(sender) => {
-                let frame = Arc::new(FrameInner {
-                    id,
-                    text: push_frame(topic, &id_text, payload),
-                });
-                sender.send(frame).unwrap_or(0)
+    /// The last seq handed out so far.
+    fn current_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Acquire) - 1
+    }
+
+    /// Publishes `payload` (raw JSON text, forwarded byte for byte) to `topic`. With
+    /// `coalesce`, at most one event per window goes out: the first after a quiet period at
+    /// once, later ones as the newest of their window when it ends.
+    pub fn publish(
+        self: &Arc<Self>,
+        topic: &str,
+        payload: &str,
+        coalesce: Option<Duration>,
+    ) -> Published {
+        let topic = match self.topic_for_publish(topic) {
+            Some(t) => t,
+            None => {
+                // Nobody listens and no history is kept: the event only takes an id.
+                let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
+                return Published {
+                    id: Some(self.format_id(seq)),
+                    receivers: 0,
+                };
             }
-            None => 0,
         };
+        let mut state = lock(&topic.state);
+        if let Some(window) = coalesce.filter(|w| !w.is_zero()) {
+            let now = Instant::now();
+            if state.coalesce.window_end.is_some_and(|end| now < end) {
+                state.coalesce.pending = Some(payload.to_string());
+                if !state.coalesce.flush_scheduled {
+                    state.coalesce.flush_scheduled = true;
+                    let at = state.coalesce.window_end.unwrap_or(now);
+                    tokio::spawn(flush_coalesced(self.clone(), topic.clone(), at, window));
+                }
+                return Published {
+                    id: None,
+                    receivers: 0,
+                };
+            }
+            state.coalesce.window_end = Some(now + window);
+        }
+        let (seq, receivers) = self.deliver(&topic, &mut state, payload);
         Published {
-            id: id_text,
+            id: Some(self.format_id(seq)),
             receivers,
         }
     }
 
-    /// Subscribes to `topic`; the subscription receives every event published after this call.
-    pub fn subscribe(self: &Arc<Self>, topic: &str) -> Subscription {
-        let mut channels = lock(&self.channels);
-        let channel = match channels.get(topic) {
-            Some(c) => c.clone(),
-            None => {
-                let topic: Arc<str> = Arc::from(topic);
-                let (sender, _) = broadcast::channel(self.capacity);
-                let c = Arc::new(Channel {
-                    topic: topic.clone(),
-                    sender: Mutex::new(sender),
-                });
-                channels.insert(topic, c.clone());
-                c
+    /// The topic a publish goes to, created when history is kept; `None` when the event has
+    /// nowhere to go.
+    fn topic_for_publish(&self, name: &str) -> Option<Arc<Topic>> {
+        let mut topics = lock(&self.topics);
+        if let Some(t) = topics.get(name) {
+            return Some(t.clone());
+        }
+        if self.limits.size == 0 {
+            return None;
+        }
+        Some(self.create_topic(&mut topics, name))
+    }
+
+    fn create_topic(&self, topics: &mut HashMap<Arc<str>, Arc<Topic>>, name: &str) -> Arc<Topic> {
+        let name: Arc<str> = Arc::from(name);
+        let topic = Arc::new(Topic {
+            topic_json: serde_json::to_string(&*name).unwrap_or_else(|_| "\"\"".into()),
+            name: name.clone(),
+            state: Mutex::new(TopicState {
+                sender: None,
+                history: VecDeque::new(),
+                floor: self.current_seq(),
+                idle_since: Some(Instant::now()),
+                coalesce: Coalesce::default(),
+            }),
+        });
+        topics.insert(name, topic.clone());
+        topic
+    }
+
+    /// Assigns the id, keeps the event in history and hands it to subscribers, all under the
+    /// topic lock.
+    fn deliver(&self, topic: &Topic, state: &mut TopicState, payload: &str) -> (u64, usize) {
+        let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
+        let frame = Arc::new(build_frame(
+            &topic.topic_json,
+            &self.format_id(seq),
+            seq,
+            payload,
+        ));
+        self.remember(state, &frame);
+        let receivers = match &state.sender {
+            Some(sender) => sender.send(frame).unwrap_or(0),
+            None => 0,
+        };
+        (seq, receivers)
+    }
+
+    /// Adds `frame` to the topic's history within the limits, moving the floor past whatever
+    /// is forgotten.
+    fn remember(&self, state: &mut TopicState, frame: &Frame) {
+        self.trim(state, Instant::now());
+        let cost = frame.cost();
+        if self.limits.size == 0 || cost > self.limits.max_bytes {
+            state.floor = frame.seq;
+            return;
+        }
+        while state.history.len() >= self.limits.size
+            || (self.history_bytes.load(Ordering::Acquire) + cost > self.limits.max_bytes
+                && !state.history.is_empty())
+        {
+            self.forget_oldest(state);
+        }
+        if self.history_bytes.load(Ordering::Acquire) + cost > self.limits.max_bytes {
+            // Other topics hold the budget until their history expires.
+            state.floor = frame.seq;
+            return;
+        }
+        self.history_bytes.fetch_add(cost, Ordering::AcqRel);
+        state.history.push_back(frame.clone());
+    }
+
+    fn forget_oldest(&self, state: &mut TopicState) {
+        if let Some(old) = state.history.pop_front() {
+            state.floor = old.seq;
+            self.history_bytes.fetch_sub(old.cost(), Ordering::AcqRel);
+        }
+    }
+
+    /// Drops history older than `history_ttl`.
+    fn trim(&self, state: &mut TopicState, now: Instant) {
+        while state
+            .history
+            .front()
+            .is_some_and(|f| now.duration_since(f.published) > self.limits.ttl)
+        {
+            self.forget_oldest(state);
+        }
+    }
+
+    /// Subscribes to `topic`, resuming after `last_event_id` when history allows.
+    pub fn subscribe(self: &Arc<Self>, name: &str, last_event_id: Option<&str>) -> Subscribed {
+        let mut topics = lock(&self.topics);
+        let topic = match topics.get(name) {
+            Some(t) => t.clone(),
+            None => self.create_topic(&mut topics, name),
+        };
+        let mut state = lock(&topic.state);
+        drop(topics);
+        self.trim(&mut state, Instant::now());
+        let now_seq = self.current_seq();
+        let resume_from = last_event_id.map(|id| {
+            self.parse_id(id)
+                .filter(|seq| *seq >= state.floor && *seq <= now_seq)
+        });
+        let (replay, position) = match resume_from {
+            None => (Replay::Events(Vec::new()), now_seq),
+            Some(None) => (Replay::Resync, now_seq),
+            Some(Some(from)) => {
+                let missed = state
+                    .history
+                    .iter()
+                    .filter(|f| f.seq > from)
+                    .cloned()
+                    .collect();
+                (Replay::Events(missed), from)
             }
         };
-        let rx = lock(&channel.sender).subscribe();
-        Subscription {
-            hub: self.clone(),
-            channel,
-            rx: Some(rx),
+        let capacity = self.capacity;
+        let rx = state
+            .sender
+            .get_or_insert_with(|| broadcast::channel(capacity).0)
+            .subscribe();
+        state.idle_since = None;
+        drop(state);
+        Subscribed {
+            subscription: Subscription {
+                hub: self.clone(),
+                topic,
+                stream: Some(BroadcastStream::new(rx)),
+            },
+            replay,
+            position: self.format_id(position),
         }
+    }
+
+    /// Called when a subscription ends.
+    fn release(&self, topic: &Topic) {
+        let mut state = lock(&topic.state);
+        if state
+            .sender
+            .as_ref()
+            .is_some_and(|s| s.receiver_count() == 0)
+        {
+            state.sender = None;
+            state.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Forgets expired history and topics idle for longer than `history_ttl` (with no history
+    /// left), so memory stays bounded. Called periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut topics = lock(&self.topics);
+        topics.retain(|_, topic| {
+            let mut state = lock(&topic.state);
+            self.trim(&mut state, now);
+            let idle_long = state
+                .idle_since
+                .is_some_and(|t| now.duration_since(t) > self.limits.ttl);
+            !(idle_long && state.history.is_empty() && state.coalesce.pending.is_none())
+        });
     }
 
     /// Topics with at least one subscriber, sorted.
     pub fn active_topics(&self) -> Vec<String> {
-        let mut names: Vec<String> = lock(&self.channels).keys().map(|k| k.to_string()).collect();
+        let topics: Vec<Arc<Topic>> = lock(&self.topics).values().cloned().collect();
+        let mut names: Vec<String> = topics
+            .iter()
+            .filter(|t| lock(&t.state).sender.is_some())
+            .map(|t| t.name.to_string())
+            .collect();
         names.sort();
         names
     }
 
-    pub fn active_topic_count(&self) -> usize {
-        lock(&self.channels).len()
-    }
-
-    /// Called when a subscription ends: drops the channel once nobody listens.
-    fn release(&self, channel: &Arc<Channel>) {
-        let mut channels = lock(&self.channels);
-        let idle = lock(&channel.sender).receiver_count() == 0;
-        if idle
-            && channels
-                .get(&channel.topic)
-                .is_some_and(|c| Arc::ptr_eq(c, channel))
-        {
-            channels.remove(&channel.topic);
-        }
+    /// Bytes held by history across all topics.
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes.load(Ordering::Acquire)
     }
 }
 
-/// One subscriber's view of a topic.
+/// Sends the newest payload held back in a coalescing window when the window ends.
+async fn flush_coalesced(hub: Arc<Hub>, topic: Arc<Topic>, at: Instant, window: Duration) {
+    tokio::time::sleep_until(at.into()).await;
+    let mut state = lock(&topic.state);
+    state.coalesce.flush_scheduled = false;
+    if let Some(payload) = state.coalesce.pending.take() {
+        state.coalesce.window_end = Some(Instant::now() + window);
+        hub.deliver(&topic, &mut state, &payload);
+    }
+}
+
+/// One subscriber's view of a topic: a stream of deliveries that never ends by itself.
 pub struct Subscription {
     hub: Arc<Hub>,
-    channel: Arc<Channel>,
-    rx: Option<broadcast::Receiver<Frame>>,
+    topic: Arc<Topic>,
+    stream: Option<BroadcastStream<Frame>>,
 }
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
-            .field("topic", &self.channel.topic)
+            .field("topic", &self.topic.name)
             .finish()
     }
 }
 
 impl Subscription {
     pub fn topic(&self) -> &Arc<str> {
-        &self.channel.topic
+        &self.topic.name
     }
+}
 
-    /// Waits for the next delivery.
-    pub async fn recv(&mut self) -> Delivery {
-        let rx = self.rx.as_mut().expect("receiver lives until drop");
-        loop {
-            match rx.recv().await {
-                Ok(frame) => return Delivery::Event(frame),
-                Err(broadcast::error::RecvError::Lagged(_)) => return Delivery::Resync,
-                // Unreachable while we hold the channel (and so its sender); wait forever
-                // rather than spin if it ever happens.
-                Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+impl Stream for Subscription {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(stream).poll_next(cx) {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Delivery::Event(frame))),
+            Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(_)))) => {
+                Poll::Ready(Some(Delivery::Resync))
             }
-        }
-    }
-
-    /// The next delivery if one is already queued.
-    pub fn try_recv(&mut self) -> Option<Delivery> {
-        let rx = self.rx.as_mut()?;
-        match rx.try_recv() {
-            Ok(frame) => Some(Delivery::Event(frame)),
-            Err(broadcast::error::TryRecvError::Lagged(_)) => Some(Delivery::Resync),
-            Err(_) => None,
+            // The sender lives as long as we subscribe; never report an end we don't mean.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
         }
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        drop(self.rx.take());
-        self.hub.release(&self.channel);
+        drop(self.stream.take());
+        self.hub.release(&self.topic);
     }
 }
 
-/// Builds the one frame every subscriber of a publish receives.
-fn push_frame(topic: &str, id: &str, payload: &str) -> Utf8Bytes {
-    let topic_json = serde_json::to_string(topic).unwrap_or_else(|_| "\"\"".into());
+/// Builds the frames every subscriber of a publish receives.
+fn build_frame(topic_json: &str, id: &str, seq: u64, payload: &str) -> FrameInner {
     let mut text = String::with_capacity(48 + topic_json.len() + id.len() + payload.len());
     text.push_str("{\"type\":\"push\",\"topic\":");
-    text.push_str(&topic_json);
+    text.push_str(topic_json);
     text.push_str(",\"id\":\"");
     text.push_str(id);
     text.push_str("\",\"payload\":");
     text.push_str(payload);
     text.push('}');
-    Utf8Bytes::from(text)
+    FrameInner {
+        seq,
+        published: Instant::now(),
+        sse_id: Bytes::from(format!("id: {id}\n")),
+        sse_data: sse_data(&text),
+        text: Utf8Bytes::from(text),
+    }
+}
+
+/// `data: <text>\n\n`. JSON can only hold raw line breaks as whitespace between tokens; each
+/// line becomes its own `data:` line, which EventSource joins back with `\n`.
+pub fn sse_data(text: &str) -> Bytes {
+    let mut out = String::with_capacity(text.len() + 10);
+    for line in text.split(['\n', '\r']).filter(|l| !l.is_empty()) {
+        out.push_str("data: ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push('\n');
+    Bytes::from(out)
 }
 
 /// A short random name for this run, so ids from an earlier run are recognised as foreign.
@@ -235,50 +495,112 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    use futures_util::StreamExt;
+
     use super::*;
+
+    fn limits(size: usize) -> HistoryLimits {
+        HistoryLimits {
+            size,
+            ttl: Duration::from_secs(60),
+            max_bytes: 1 << 20,
+        }
+    }
+
+    async fn next_event(sub: &mut Subscription) -> Frame {
+        match sub.next().await {
+            Some(Delivery::Event(f)) => f,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
 
     #[tokio::test]
     async fn frames_are_shared_and_ordered() {
-        let hub = Hub::new(8);
-        let mut a = hub.subscribe("t");
-        let mut b = hub.subscribe("t");
-        let mut other = hub.subscribe("u");
-        assert_eq!(hub.publish("t", r#"{"n":1e400}"#).receivers, 2);
-        hub.publish("t", "null");
+        let hub = Hub::new(8, limits(0));
+        let mut a = hub.subscribe("t", None).subscription;
+        let mut b = hub.subscribe("t", None).subscription;
+        let _other = hub.subscribe("u", None).subscription;
+        assert_eq!(hub.publish("t", r#"{"n":1e400}"#, None).receivers, 2);
+        hub.publish("t", "null", None);
         for sub in [&mut a, &mut b] {
-            let Delivery::Event(first) = sub.recv().await else {
-                panic!("resync")
-            };
-            assert!(
-                first.text.as_str().ends_with(r#""payload":{"n":1e400}}"#),
-                "{}",
-                first.text.as_str()
-            );
-            let Delivery::Event(second) = sub.recv().await else {
-                panic!("resync")
-            };
-            assert!(second.id > first.id);
+            let first = next_event(sub).await;
+            assert!(first.text.as_str().ends_with(r#""payload":{"n":1e400}}"#));
+            assert!(next_event(sub).await.seq > first.seq);
         }
-        assert!(other.try_recv().is_none());
         drop((a, b));
         assert_eq!(hub.active_topics(), vec!["u".to_string()]);
     }
 
     #[tokio::test]
-    async fn a_lagging_subscriber_gets_resync_and_blocks_nobody() {
-        let hub = Hub::new(4);
-        let mut slow = hub.subscribe("t");
+    async fn a_lagging_subscriber_gets_resync() {
+        let hub = Hub::new(4, limits(0));
+        let mut slow = hub.subscribe("t", None).subscription;
         for i in 0..100 {
-            hub.publish("t", &i.to_string());
+            hub.publish("t", &i.to_string(), None);
         }
-        assert!(matches!(slow.recv().await, Delivery::Resync));
-        let Delivery::Event(next) = slow.recv().await else {
-            panic!("expected an event")
+        assert!(matches!(slow.next().await, Some(Delivery::Resync)));
+        let next = next_event(&mut slow).await;
+        assert!(next.text.as_str().ends_with(r#""payload":96}"#));
+    }
+
+    #[tokio::test]
+    async fn resume_replays_exactly_the_missed_events() {
+        let hub = Hub::new(64, limits(4));
+        let first = hub.subscribe("t", None);
+        let position = first.position.clone();
+        drop(first);
+        let ids: Vec<String> = (0..3)
+            .map(|i| hub.publish("t", &i.to_string(), None).id.unwrap())
+            .collect();
+        let again = hub.subscribe("t", Some(&position));
+        let Replay::Events(missed) = again.replay else {
+            panic!("resync")
         };
-        assert!(
-            next.text.as_str().ends_with(r#""payload":96}"#),
-            "{}",
-            next.text.as_str()
+        assert_eq!(missed.len(), 3);
+        let again = hub.subscribe("t", Some(&ids[1]));
+        let Replay::Events(missed) = again.replay else {
+            panic!("resync")
+        };
+        assert_eq!(missed.len(), 1, "only the event after ids[1]");
+        // Too old: two more events push ids[0] out of a 4-event history.
+        for i in 3..6 {
+            hub.publish("t", &i.to_string(), None);
+        }
+        assert!(matches!(
+            hub.subscribe("t", Some(&ids[0])).replay,
+            Replay::Resync
+        ));
+        assert!(matches!(
+            hub.subscribe("t", Some("deadbeef-1")).replay,
+            Replay::Resync
+        ));
+        assert!(matches!(
+            hub.subscribe("t", Some("garbage")).replay,
+            Replay::Resync
+        ));
+        let future = hub.format_id(1_000_000);
+        assert!(matches!(
+            hub.subscribe("t", Some(&future)).replay,
+            Replay::Resync
+        ));
+    }
+
+    #[tokio::test]
+    async fn history_respects_the_byte_budget() {
+        let hub = Hub::new(
+            8,
+            HistoryLimits {
+                size: 1000,
+                ttl: Duration::from_secs(60),
+                max_bytes: 4096,
+            },
         );
+        let payload = format!("\"{}\"", "x".repeat(500));
+        for _ in 0..100 {
+            hub.publish("a", &payload, None);
+            hub.publish("b", &payload, None);
+        }
+        assert!(hub.history_bytes() <= 4096, "{}", hub.history_bytes());
+        assert!(hub.history_bytes() > 0);
     }
 }

@@ -3,6 +3,7 @@
 //! `start` binds both listeners and returns a handle; `main.rs` only parses the command line and
 //! calls `run`, so tests start exactly the same server in-process on port 0.
 
+pub mod access;
 pub mod config;
 pub mod duration;
 pub mod hub;
@@ -22,7 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use config::Config;
-use hub::Hub;
+use hub::{HistoryLimits, Hub};
 use presence::Presence;
 use registry::Registry;
 use server::{Shutdown, Tracker};
@@ -105,7 +106,14 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
     let (trigger, shutdown) = Shutdown::new();
     let state = Arc::new(AppState {
         registry: Registry::new(config.topic_ttl),
-        hub: Hub::new(config.subscriber_queue),
+        hub: Hub::new(
+            config.subscriber_queue,
+            HistoryLimits {
+                size: config.history_size,
+                ttl: config.history_ttl,
+                max_bytes: config.max_history_bytes,
+            },
+        ),
         presence: Presence::new(),
         started: Instant::now(),
         shutdown: shutdown.clone(),
@@ -125,7 +133,7 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
             routes::internal(state.clone()),
             shutdown.clone(),
         )),
-        tokio::spawn(sweep_topics(state.clone())),
+        tokio::spawn(sweep(state.clone())),
     ];
     tracing::info!(
         version = VERSION,
@@ -180,15 +188,15 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Drops expired topics now and then, so a backend that never unregisters can't grow us.
-async fn sweep_topics(state: Arc<AppState>) {
-    let every = state
-        .config
-        .topic_ttl
-        .clamp(Duration::from_millis(100), Duration::from_secs(60));
+/// Drops expired topics and history now and then, so a backend that never unregisters can't
+/// grow us.
+async fn sweep(state: Arc<AppState>) {
+    let shortest = state.config.topic_ttl.min(state.config.history_ttl);
+    let every = shortest.clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
+        state.hub.sweep();
         let dropped = state.registry.sweep();
         if dropped > 0 {
             tracing::debug!(dropped, "expired topics swept");

@@ -15,6 +15,14 @@ pub const STATUS_TOPIC: &str = "worker.status";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TopicMeta {
     pub require_token: bool,
+    /// Deliver at most one event per this many milliseconds (the newest); 0 = every event.
+    pub coalesce_ms: u32,
+}
+
+impl TopicMeta {
+    pub fn coalesce(&self) -> Option<Duration> {
+        (self.coalesce_ms > 0).then(|| Duration::from_millis(self.coalesce_ms.into()))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +52,7 @@ impl Registry {
             Entry {
                 meta: TopicMeta {
                     require_token: true,
+                    coalesce_ms: 0,
                 },
                 expires_at: None,
             },
@@ -143,6 +152,7 @@ mod tests {
         let r = Registry::new(Duration::from_millis(50));
         let open = TopicMeta {
             require_token: false,
+            coalesce_ms: 0,
         };
         r.register("a", open);
         assert_eq!(r.lookup("a"), Some(open));

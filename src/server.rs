@@ -80,6 +80,10 @@ impl Shutdown {
     pub fn is_down(&self) -> bool {
         *self.0.borrow()
     }
+
+    pub fn receiver(&self) -> watch::Receiver<bool> {
+        self.0.clone()
+    }
 }
 
 /// Counts long-lived tasks (sockets, streams) so shutdown can wait for them.

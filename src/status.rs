@@ -16,6 +16,8 @@ pub struct Status {
     pub connected_clients: usize,
     pub connected_sockets: usize,
     pub cluster_nodes: i64,
+    /// Memory held by event history across topics.
+    pub history_bytes: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topic_list: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -28,16 +30,18 @@ impl Status {
         let uptime = state.started.elapsed();
         let (connected_clients, connected_sockets) = state.presence.counts();
         let non_empty = |v: Vec<String>| (!v.is_empty()).then_some(v);
+        let active = state.hub.active_topics();
         Status {
             status: "ok",
             version: crate::VERSION,
             uptime: format_go(uptime),
             uptime_seconds: uptime.as_secs(),
             registered_topics: state.registry.count(),
-            active_topics: state.hub.active_topic_count(),
+            active_topics: active.len(),
             connected_clients,
             connected_sockets,
             cluster_nodes: -1,
+            history_bytes: state.hub.history_bytes(),
             topic_list: if with_lists {
                 non_empty(state.registry.names())
             } else {

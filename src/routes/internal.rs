@@ -183,16 +183,27 @@ struct RegisterBody {
 struct MetaBody {
     #[serde(default)]
     require_token: bool,
+    #[serde(default)]
+    coalesce_ms: u32,
 }
+
+/// Longest coalescing window accepted.
+const MAX_COALESCE_MS: u32 = 60_000;
 
 fn register(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
     let req: RegisterBody = serde_json::from_slice(body).map_err(bad_json)?;
     let topic = required_topic(req.topic)?;
     let meta = req.meta.unwrap_or_default();
+    if meta.coalesce_ms > MAX_COALESCE_MS {
+        return Err(ApiError::BadRequest(format!(
+            "meta.coalesce_ms: at most {MAX_COALESCE_MS}"
+        )));
+    }
     state.registry.register(
         &topic,
         TopicMeta {
             require_token: meta.require_token,
+            coalesce_ms: meta.coalesce_ms,
         },
     );
     tracing::debug!(topic = ?topic, require_token = meta.require_token, "topic registered");
@@ -232,13 +243,15 @@ fn publish(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
     let payload = req
         .payload
         .ok_or_else(|| ApiError::BadRequest("missing payload".into()))?;
-    if state.registry.lookup(&topic).is_none() {
-        return Err(ApiError::NotFound("topic not registered"));
-    }
-    let published = state.hub.publish(&topic, payload.get());
+    let meta = state
+        .registry
+        .lookup(&topic)
+        .ok_or(ApiError::NotFound("topic not registered"))?;
+    let published = state.hub.publish(&topic, payload.get(), meta.coalesce());
     Ok(json(&serde_json::json!({
         "status": "ok",
         "id": published.id,
+        "coalesced": published.id.is_none(),
         "receivers": published.receivers,
     })))
 }

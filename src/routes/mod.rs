@@ -1,6 +1,7 @@
 //! The two filter trees, and the one place where errors become HTTP answers.
 
 pub mod internal;
+pub mod sse;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use crate::AppState;
 #[derive(Debug)]
 pub enum ApiError {
     BadRequest(String),
+    Unauthorized(&'static str),
     Forbidden,
     NotFound(&'static str),
     MethodNotAllowed(&'static str),
@@ -28,6 +30,7 @@ impl ApiError {
     pub fn into_response(self) -> Response {
         let (status, body) = match self {
             ApiError::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
+            ApiError::Unauthorized(why) => (StatusCode::UNAUTHORIZED, why.to_string()),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden".to_string()),
             ApiError::NotFound(what) => (StatusCode::NOT_FOUND, what.to_string()),
             ApiError::MethodNotAllowed(allow) => {
@@ -73,10 +76,12 @@ pub fn json(value: &impl serde::Serialize) -> Response {
     r
 }
 
-/// The public listener: `/ws`, `/healthz`.
+/// The public listener: `/ws`, `/sse`, `/healthz`.
 pub fn public(state: Arc<AppState>) -> Routes {
     health()
-        .or(ws::route(state))
+        .or(ws::route(state.clone()))
+        .unify()
+        .or(sse::route(state))
         .unify()
         .recover(|_| async {
             Ok::<_, std::convert::Infallible>(ApiError::NotFound("not found").into_response())
@@ -150,5 +155,24 @@ pub fn client_addr(headers: &HeaderMap, peer: SocketAddr) -> String {
             })
             .collect(),
         None => peer.ip().to_string(),
+    }
+}
+
+/// The browser origin of a request, checked against `allowed_origins` (empty = any). Returns
+/// the value to echo in `Access-Control-Allow-Origin` (`None` when the request has no Origin,
+/// as non-browser clients and same-origin GETs may not).
+pub fn check_origin(
+    allowed: &[String],
+    headers: &HeaderMap,
+) -> Result<Option<HeaderValue>, ApiError> {
+    let Some(origin) = headers.get(http::header::ORIGIN) else {
+        return Ok(None);
+    };
+    let text = origin.to_str().map_err(|_| ApiError::Forbidden)?;
+    let text = text.trim_end_matches('/');
+    if allowed.is_empty() || allowed.iter().any(|a| a.eq_ignore_ascii_case(text)) {
+        Ok(Some(origin.clone()))
+    } else {
+        Err(ApiError::Forbidden)
     }
 }

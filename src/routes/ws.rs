@@ -1,18 +1,22 @@
-//! `GET /ws?topic=T`: the WebSocket view of a topic's stream, wire-compatible with the Go worker.
+//! `GET /ws?topic=T`: the WebSocket view of the stream, wire-compatible with the Go worker.
 //!
 //! One task per socket drives everything (reading, delivering, pinging, deadlines) with one
 //! `select!`, so a socket costs one small future and no locks are shared between sockets.
+//! After the first auth, `subscribe`/`unsubscribe` frames add and remove more topics.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use serde_json::json;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio_stream::StreamMap;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -21,12 +25,13 @@ use tokio_tungstenite::WebSocketStream;
 use warp::reply::Response;
 use warp::Filter;
 
-use super::{client_addr, query_pairs, query_raw, with_state, ApiError};
-use crate::hub::{Delivery, Subscription};
+use super::{check_origin, client_addr, query_pairs, query_raw, with_state, ApiError};
+use crate::access::{self, Denied, Grant};
+use crate::hub::{Delivery, Replay, Subscription};
 use crate::registry::{TopicMeta, STATUS_TOPIC};
 use crate::server::PeerAddr;
 use crate::status::Status;
-use crate::token::{self, TokenError};
+use crate::token::TokenError;
 use crate::AppState;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
@@ -57,7 +62,8 @@ pub fn route(
         )
 }
 
-/// Checks the request before the upgrade: 405, 400 (no topic), 404 (unknown topic), 426.
+/// Checks the request before the upgrade: 405, 403 (origin), 400 (no topic), 404 (unknown
+/// topic), 426 (not an upgrade).
 fn handshake(
     method: Method,
     query: &str,
@@ -69,6 +75,7 @@ fn handshake(
     if method != Method::GET {
         return Err(ApiError::MethodNotAllowed("GET"));
     }
+    check_origin(&state.config.allowed_origins, headers)?;
     let topic = query_pairs(query)?
         .into_iter()
         .find(|(k, v)| k == "topic" && !v.is_empty())
@@ -147,7 +154,10 @@ fn socket_config() -> WebSocketConfig {
 enum End {
     PeerClosed,
     PeerGone,
-    Refused { code: &'static str, message: String },
+    Refused {
+        code: &'static str,
+        message: &'static str,
+    },
     AuthTimeout,
     Idle,
     TooBig,
@@ -157,13 +167,6 @@ enum End {
 }
 
 impl End {
-    fn refused(code: &'static str, message: impl Into<String>) -> End {
-        End::Refused {
-            code,
-            message: message.into(),
-        }
-    }
-
     fn from_ws(e: WsError) -> End {
         match e {
             WsError::Capacity(_) => End::TooBig,
@@ -172,14 +175,21 @@ impl End {
         }
     }
 
+    fn denied(d: Denied) -> End {
+        End::Refused {
+            code: d.code(),
+            message: d.message(),
+        }
+    }
+
     /// The `{"type":"error"}` frame sent before closing, if any.
     fn error_frame(&self) -> Option<String> {
         let (code, message) = match self {
-            End::Refused { code, message } => (*code, message.as_str()),
+            End::Refused { code, message } => (*code, *message),
             End::Expired => ("auth_expired", "token expired"),
             _ => return None,
         };
-        Some(serde_json::json!({ "type": "error", "code": code, "message": message }).to_string())
+        Some(json!({ "type": "error", "code": code, "message": message }).to_string())
     }
 
     fn close_frame(&self) -> Option<CloseFrame> {
@@ -219,24 +229,24 @@ struct Inbound {
     kind: String,
     #[serde(default)]
     token: Option<String>,
-}
-
-/// What authentication established.
-struct Auth {
-    user_id: i64,
-    /// Unix seconds; `None` on open topics.
-    expires: Option<i64>,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    last_event_id: Option<String>,
 }
 
 struct Session {
     ws: Socket,
     state: Arc<AppState>,
+    /// The topic of the URL, authenticated by the first frame.
     topic: String,
     meta: TopicMeta,
     client: String,
     conn_id: u64,
-    /// Whether the next frame must be flushed before more are fed.
     last_status: Option<Instant>,
+    subs: StreamMap<Arc<str>, Subscription>,
+    /// Token expiry per subscribed topic (unix seconds), for `enforce_token_expiry`.
+    expiries: HashMap<Arc<str>, i64>,
 }
 
 impl Session {
@@ -255,6 +265,8 @@ impl Session {
             meta,
             client,
             last_status: None,
+            subs: StreamMap::new(),
+            expiries: HashMap::new(),
         }
     }
 
@@ -262,7 +274,7 @@ impl Session {
         let _tracked = self.state.sockets.track();
         let started = Instant::now();
         let end = match self.authenticate().await {
-            Ok(auth) => self.serve(auth).await,
+            Ok((grant, resume)) => self.serve(grant, resume).await,
             Err(end) => end,
         };
         self.finish(&end).await;
@@ -275,81 +287,66 @@ impl Session {
         );
     }
 
-    /// Waits for the auth frame (within `auth_timeout`) and checks it.
-    async fn authenticate(&mut self) -> Result<Auth, End> {
+    /// Waits for the auth frame (within `auth_timeout`) and checks it. Returns the grant and
+    /// the id to resume after, if the client sent one.
+    async fn authenticate(&mut self) -> Result<(Grant, Option<String>), End> {
         let deadline = Instant::now() + self.state.config.auth_timeout;
         let mut shutdown = self.state.shutdown.clone();
+        let auth_required = End::Refused {
+            code: "auth_required",
+            message: "expected {\"type\":\"auth\",\"token\":...}",
+        };
         loop {
             let next = tokio::select! {
                 _ = shutdown.wait() => return Err(End::Shutdown),
                 next = timeout_at(deadline, self.ws.next()) => next,
             };
-            match next {
+            let text = match next {
                 Err(_) => return Err(End::AuthTimeout),
                 Ok(None) => return Err(End::PeerGone),
                 Ok(Some(Err(e))) => return Err(End::from_ws(e)),
-                Ok(Some(Ok(Message::Text(text)))) => return self.check_auth(&text),
-                Ok(Some(Ok(Message::Binary(_)))) => {
-                    return Err(End::refused("auth_required", "expected an auth frame"))
-                }
+                Ok(Some(Ok(Message::Text(text)))) => text,
+                Ok(Some(Ok(Message::Binary(_)))) => return Err(auth_required),
                 Ok(Some(Ok(Message::Close(_)))) => return Err(End::PeerClosed),
                 Ok(Some(Ok(_))) => continue,
-            }
+            };
+            let frame = match serde_json::from_str::<Inbound>(&text) {
+                Ok(f) if f.kind == "auth" => f,
+                _ => return Err(auth_required),
+            };
+            let token = frame.token.unwrap_or_default();
+            return match access::grant(&self.state, &self.topic, self.meta, &token) {
+                Ok(grant) => Ok((grant, frame.last_event_id)),
+                Err(denied) => {
+                    self.log_refusal(&self.topic, denied);
+                    Err(End::denied(denied))
+                }
+            };
         }
     }
 
-    fn check_auth(&self, text: &str) -> Result<Auth, End> {
-        let token = match serde_json::from_str::<Inbound>(text) {
-            Ok(f) if f.kind == "auth" => f.token.unwrap_or_default(),
-            _ => {
-                return Err(End::refused(
-                    "auth_required",
-                    "expected {\"type\":\"auth\",\"token\":...}",
-                ))
-            }
-        };
-        if token.is_empty() {
-            return Err(End::refused("auth_required", "empty token"));
-        }
-        self.verify(&token)
+    fn log_refusal(&self, topic: &str, denied: Denied) {
+        tracing::info!(topic = ?topic, client = %self.client, reason = denied.message(), "ws auth refused");
     }
 
-    /// Checks a token for this socket's topic. Open topics take any non-empty token and count
-    /// the socket as anonymous.
-    fn verify(&self, token: &str) -> Result<Auth, End> {
-        if !self.meta.require_token {
-            return Ok(Auth {
-                user_id: 0,
-                expires: None,
-            });
-        }
-        let secret = self.state.config.worker_secret.expose();
-        match token::verify(secret, token, &self.topic, unix_now()) {
-            Ok(claims) => Ok(Auth {
-                user_id: claims.user_id,
-                expires: Some(claims.expires),
-            }),
-            Err(e) => {
-                tracing::info!(topic = ?self.topic, client = %self.client, reason = e.reason(), "ws auth refused");
-                Err(End::refused("unauthorized", e.reason()))
-            }
-        }
-    }
-
-    /// The authenticated life of the socket. The subscription exists before `auth_ok` is sent,
-    /// so any publish made after the client saw `auth_ok` reaches it.
-    async fn serve(&mut self, mut auth: Auth) -> End {
-        let mut sub = self.state.hub.subscribe(&self.topic);
-        let _member = self.state.presence.join(auth.user_id);
-        if let Err(end) = self.send(Message::text(r#"{"type":"auth_ok"}"#)).await {
+    /// The authenticated life of the socket. Subscriptions exist before `auth_ok` is sent, so
+    /// any publish made after the client saw `auth_ok` reaches it.
+    async fn serve(&mut self, grant: Grant, resume: Option<String>) -> End {
+        let _member = self.state.presence.join(grant.user_id);
+        let topic = self.topic.clone();
+        let (position, replay) = self.add_subscription(&topic, grant, resume.as_deref());
+        let ok = json!({ "type": "auth_ok", "topic": topic, "last_event_id": position });
+        if let Err(end) = self.send(Message::text(ok.to_string())).await {
             return end;
         }
-        tracing::info!(topic = ?self.topic, client = %self.client, user = auth.user_id, "ws connected");
+        if let Err(end) = self.send_replay(&topic, replay).await {
+            return end;
+        }
+        tracing::info!(topic = ?self.topic, client = %self.client, "ws connected");
 
         let cfg = &self.state.config;
         let (ping_every, idle_after, drain) =
             (cfg.ping_interval, cfg.idle_timeout, cfg.shutdown_drain);
-        let enforce_expiry = cfg.enforce_token_expiry;
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut last_heard = Instant::now();
         let mut shutdown = self.state.shutdown.clone();
@@ -357,17 +354,14 @@ impl Session {
         let far = Instant::now() + Duration::from_secs(86400 * 365);
 
         loop {
-            let expiry_at = match auth.expires {
-                Some(exp) if enforce_expiry => instant_of_unix(exp),
-                _ => far,
-            };
+            let expiry_at = self.expiry_deadline().unwrap_or(far);
             tokio::select! {
                 _ = shutdown.wait(), if close_at.is_none() => {
                     close_at = Some(Instant::now() + spread(self.conn_id, drain));
                 }
                 _ = sleep_until(close_at.unwrap_or(far)), if close_at.is_some() => return End::Shutdown,
-                delivery = sub.recv() => {
-                    if let Err(end) = self.deliver(delivery, &mut sub).await {
+                Some(first) = self.subs.next() => {
+                    if let Err(end) = self.deliver(first).await {
                         return end;
                     }
                 }
@@ -378,7 +372,7 @@ impl Session {
                         Some(Err(e)) => return End::from_ws(e),
                         Some(Ok(Message::Close(_))) => return End::PeerClosed,
                         Some(Ok(Message::Text(text))) => {
-                            if let Err(end) = self.on_text(&text, &mut auth).await {
+                            if let Err(end) = self.on_text(&text).await {
                                 return end;
                             }
                         }
@@ -391,74 +385,176 @@ impl Session {
                     }
                 }
                 _ = sleep_until(last_heard + idle_after) => return End::Idle,
-                _ = sleep_until(expiry_at), if enforce_expiry && auth.expires.is_some() => return End::Expired,
+                _ = sleep_until(expiry_at), if expiry_at < far => return End::Expired,
             }
         }
     }
 
-    /// Handles a text frame after auth: status requests on the status topic, and token refresh.
-    async fn on_text(&mut self, text: &str, auth: &mut Auth) -> Result<(), End> {
+    /// When the earliest token of this socket expires, if expiry is enforced.
+    fn expiry_deadline(&self) -> Option<Instant> {
+        if !self.state.config.enforce_token_expiry {
+            return None;
+        }
+        self.expiries.values().min().map(|&t| instant_of_unix(t))
+    }
+
+    /// Subscribes under the hub's topic lock; returns the position and what to replay.
+    fn add_subscription(
+        &mut self,
+        topic: &str,
+        grant: Grant,
+        resume: Option<&str>,
+    ) -> (String, Replay) {
+        let subscribed = self.state.hub.subscribe(topic, resume);
+        let key = subscribed.subscription.topic().clone();
+        if let Some(expires) = grant.expires {
+            self.expiries.insert(key.clone(), expires);
+        }
+        self.subs.insert(key, subscribed.subscription);
+        (subscribed.position, subscribed.replay)
+    }
+
+    async fn send_replay(&mut self, topic: &str, replay: Replay) -> Result<(), End> {
+        match replay {
+            Replay::Resync => self.send(resync_message(topic)).await,
+            Replay::Events(frames) => {
+                for frame in frames {
+                    self.feed(Message::Text(frame.text.clone())).await?;
+                }
+                self.flush().await
+            }
+        }
+    }
+
+    /// Handles a text frame after auth: subscribe/unsubscribe, token refresh, status requests.
+    async fn on_text(&mut self, text: &str) -> Result<(), End> {
         let Ok(frame) = serde_json::from_str::<Inbound>(text) else {
             return Ok(());
         };
         match frame.kind.as_str() {
-            "status" if self.topic == STATUS_TOPIC => {
-                let now = Instant::now();
-                if self.last_status.is_some_and(|t| now < t + STATUS_THROTTLE) {
-                    return Ok(());
-                }
-                self.last_status = Some(now);
-                let status = Status::collect(&self.state, false);
-                let frame = serde_json::json!({ "type": "status", "payload": status }).to_string();
-                self.send(Message::text(frame)).await
-            }
-            "auth" => {
-                let token = frame.token.unwrap_or_default();
-                if token.is_empty() {
-                    return Err(End::refused("unauthorized", TokenError::Malformed.reason()));
-                }
-                *auth = self.verify(&token)?;
-                self.send(Message::text(r#"{"type":"auth_ok"}"#)).await
+            "status" if self.topic == STATUS_TOPIC => self.answer_status().await,
+            "auth" => self.refresh(frame).await,
+            "subscribe" => self.subscribe(frame).await,
+            "unsubscribe" => {
+                let topic = frame.topic.unwrap_or_default();
+                self.subs.remove(topic.as_str());
+                self.expiries.remove(topic.as_str());
+                self.send(Message::text(
+                    json!({ "type": "unsubscribed", "topic": topic }).to_string(),
+                ))
+                .await
             }
             _ => Ok(()),
         }
     }
 
-    /// Writes one delivery and whatever else is already queued, then flushes once.
-    async fn deliver(&mut self, first: Delivery, sub: &mut Subscription) -> Result<(), End> {
-        let topic = sub.topic().clone();
-        let to_message = |d: Delivery| match d {
-            Delivery::Event(frame) => Message::Text(frame.text.clone()),
-            Delivery::Resync => {
-                Message::text(serde_json::json!({ "type": "resync", "topic": &*topic }).to_string())
-            }
-        };
-        let stall = self.state.config.idle_timeout;
-        let ws = &mut self.ws;
-        let write = async {
-            ws.feed(to_message(first)).await?;
-            for _ in 1..BATCH {
-                match sub.try_recv() {
-                    Some(d) => ws.feed(to_message(d)).await?,
-                    None => break,
-                }
-            }
-            ws.flush().await
-        };
-        match timeout(stall, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(End::from_ws(e)),
-            Err(_) => Err(End::WriteStalled),
+    async fn answer_status(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        if self.last_status.is_some_and(|t| now < t + STATUS_THROTTLE) {
+            return Ok(());
         }
+        self.last_status = Some(now);
+        let status = Status::collect(&self.state, false);
+        let frame = json!({ "type": "status", "payload": status }).to_string();
+        self.send(Message::text(frame)).await
     }
 
-    /// Sends one frame; a client that doesn't take it within `idle_timeout` is dropped.
-    async fn send(&mut self, msg: Message) -> Result<(), End> {
-        match timeout(self.state.config.idle_timeout, self.ws.send(msg)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(End::from_ws(e)),
-            Err(_) => Err(End::WriteStalled),
+    /// A fresh token on the open socket: answered with `auth_ok`; a bad one, or one for a topic
+    /// this socket doesn't hold, closes the socket.
+    async fn refresh(&mut self, frame: Inbound) -> Result<(), End> {
+        let topic = frame.topic.unwrap_or_else(|| self.topic.clone());
+        let token = frame.token.unwrap_or_default();
+        let Some(key) = self.subs.keys().find(|k| ***k == *topic).cloned() else {
+            return Err(End::denied(Denied::Unauthorized(TokenError::WrongTopic)));
+        };
+        // A topic unregistered meanwhile is checked as token-protected.
+        let meta = self.state.registry.lookup(&topic).unwrap_or(TopicMeta {
+            require_token: true,
+            coalesce_ms: 0,
+        });
+        let grant = access::grant(&self.state, &topic, meta, &token).map_err(|denied| {
+            self.log_refusal(&topic, denied);
+            End::Refused {
+                code: "unauthorized",
+                message: denied.message(),
+            }
+        })?;
+        if let Some(expires) = grant.expires {
+            self.expiries.insert(key, expires);
         }
+        self.send(Message::text(
+            json!({ "type": "auth_ok", "topic": topic }).to_string(),
+        ))
+        .await
+    }
+
+    /// `{"type":"subscribe","topic":T,"token":K[,"last_event_id":I]}`: adds a topic, or
+    /// answers an error frame naming it (the socket stays open).
+    async fn subscribe(&mut self, frame: Inbound) -> Result<(), End> {
+        let topic = frame.topic.unwrap_or_default();
+        let error = |code: &str, message: &str| {
+            Message::text(
+                json!({ "type": "error", "code": code, "topic": topic, "message": message })
+                    .to_string(),
+            )
+        };
+        if topic.is_empty() {
+            return self.send(error("bad_request", "missing topic")).await;
+        }
+        if self.subs.contains_key(topic.as_str()) {
+            return self
+                .send(error("already_subscribed", "already subscribed"))
+                .await;
+        }
+        if self.subs.len() >= self.state.config.max_topics_per_connection {
+            return self
+                .send(error(
+                    "too_many_topics",
+                    "topic limit per connection reached",
+                ))
+                .await;
+        }
+        let token = frame.token.unwrap_or_default();
+        let grant = match access::lookup_and_grant(&self.state, &topic, &token) {
+            Ok((_, grant)) => grant,
+            Err(denied) => {
+                self.log_refusal(&topic, denied);
+                return self.send(error(denied.code(), denied.message())).await;
+            }
+        };
+        let (position, replay) =
+            self.add_subscription(&topic, grant, frame.last_event_id.as_deref());
+        let ok = json!({ "type": "subscribed", "topic": topic, "last_event_id": position });
+        self.send(Message::text(ok.to_string())).await?;
+        self.send_replay(&topic, replay).await
+    }
+
+    /// Writes one delivery and whatever else is already queued, then flushes once.
+    async fn deliver(&mut self, first: (Arc<str>, Delivery)) -> Result<(), End> {
+        self.feed(delivery_message(first)).await?;
+        for _ in 1..BATCH {
+            match self.subs.next().now_or_never() {
+                Some(Some(next)) => self.feed(delivery_message(next)).await?,
+                _ => break,
+            }
+        }
+        self.flush().await
+    }
+
+    /// Queues a frame; a client that doesn't take it within `idle_timeout` is dropped.
+    async fn feed(&mut self, msg: Message) -> Result<(), End> {
+        let stall = self.state.config.idle_timeout;
+        settle(timeout(stall, self.ws.feed(msg)).await)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        let stall = self.state.config.idle_timeout;
+        settle(timeout(stall, self.ws.flush()).await)
+    }
+
+    async fn send(&mut self, msg: Message) -> Result<(), End> {
+        self.feed(msg).await?;
+        self.flush().await
     }
 
     /// Says why (error frame), closes with a code, and waits briefly for the client's close.
@@ -479,17 +575,29 @@ impl Session {
     }
 }
 
-/// Spreads closes over the drain window so browsers don't all reconnect in the same instant.
-fn spread(conn_id: u64, drain: Duration) -> Duration {
-    let fraction = (conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
-    drain.mul_f64(fraction)
+fn settle(r: Result<Result<(), WsError>, tokio::time::error::Elapsed>) -> Result<(), End> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::from_ws(e)),
+        Err(_) => Err(End::WriteStalled),
+    }
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+fn delivery_message((topic, delivery): (Arc<str>, Delivery)) -> Message {
+    match delivery {
+        Delivery::Event(frame) => Message::Text(frame.text.clone()),
+        Delivery::Resync => resync_message(&topic),
+    }
+}
+
+fn resync_message(topic: &str) -> Message {
+    Message::text(json!({ "type": "resync", "topic": topic }).to_string())
+}
+
+/// Spreads closes over the drain window so browsers don't all reconnect in the same instant.
+pub fn spread(conn_id: u64, drain: Duration) -> Duration {
+    let fraction = (conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    drain.mul_f64(fraction)
 }
 
 /// The monotonic instant at which unix time `t` (seconds) is reached.
@@ -498,6 +606,6 @@ fn instant_of_unix(t: i64) -> Instant {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let wait_ms = (t * 1000 - now_ms).clamp(0, 86400 * 365 * 1000);
+    let wait_ms = (t.saturating_mul(1000) - now_ms).clamp(0, 86400 * 365 * 1000);
     Instant::now() + Duration::from_millis(wait_ms as u64)
 }

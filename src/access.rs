@@ -1,0 +1,79 @@
+//! Who may subscribe to what: the rule both transports share.
+
+use crate::registry::TopicMeta;
+use crate::token::{self, TokenError};
+use crate::AppState;
+
+/// A subscription the client is entitled to.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// 0 = anonymous (open topics are always anonymous).
+    pub user_id: i64,
+    /// Unix seconds; `None` on open topics.
+    pub expires: Option<i64>,
+}
+
+/// Why a subscription is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    NotRegistered,
+    /// No token at all.
+    TokenMissing,
+    Unauthorized(TokenError),
+}
+
+impl Denied {
+    /// The `code` of the WebSocket error frame.
+    pub fn code(self) -> &'static str {
+        match self {
+            Denied::NotRegistered => "not_found",
+            Denied::TokenMissing => "auth_required",
+            Denied::Unauthorized(_) => "unauthorized",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Denied::NotRegistered => "topic not registered",
+            Denied::TokenMissing => "token required",
+            Denied::Unauthorized(e) => e.reason(),
+        }
+    }
+}
+
+/// Checks `token` for a topic already looked up. Open topics take any non-empty token.
+pub fn grant(state: &AppState, topic: &str, meta: TopicMeta, token: &str) -> Result<Grant, Denied> {
+    if token.is_empty() {
+        return Err(Denied::TokenMissing);
+    }
+    if !meta.require_token {
+        return Ok(Grant {
+            user_id: 0,
+            expires: None,
+        });
+    }
+    let secret = state.config.worker_secret.expose();
+    token::verify(secret, token, topic, unix_now())
+        .map(|claims| Grant {
+            user_id: claims.user_id,
+            expires: Some(claims.expires),
+        })
+        .map_err(Denied::Unauthorized)
+}
+
+/// Looks the topic up, then checks the token.
+pub fn lookup_and_grant(
+    state: &AppState,
+    topic: &str,
+    token: &str,
+) -> Result<(TopicMeta, Grant), Denied> {
+    let meta = state.registry.lookup(topic).ok_or(Denied::NotRegistered)?;
+    Ok((meta, grant(state, topic, meta, token)?))
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
