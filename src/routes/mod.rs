@@ -154,7 +154,7 @@ pub fn client_addr(headers: &HeaderMap, peer: SocketAddr) -> String {
                 }
             })
             .collect(),
-        None => peer.ip().to_string(),
+        None => peer.ip().to_canonical().to_string(),
     }
 }
 

@@ -274,3 +274,205 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// One SSE block (up to a blank line).
+#[derive(Debug, Default, Clone)]
+pub struct SseBlock {
+    pub id: Option<String>,
+    pub data: Option<String>,
+    pub retry: Option<u64>,
+    pub comments: Vec<String>,
+}
+
+/// A real SSE client over a raw socket: it decodes chunked transfer encoding itself, so tests
+/// see the bytes exactly as a browser would.
+pub struct SseClient {
+    stream: TcpStream,
+    pub status: u16,
+    pub head: String,
+    /// Decoded body bytes not consumed yet.
+    body: Vec<u8>,
+    raw: Vec<u8>,
+    pub last_id: Option<String>,
+}
+
+#[allow(dead_code)]
+impl SseClient {
+    /// `GET path_and_query`; returns the whole answer instead when the status is not 200.
+    pub async fn connect(
+        addr: SocketAddr,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<SseClient, Answer> {
+        let mut req = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n"
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(req.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        let head_end = loop {
+            if let Some(pos) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos;
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("head within 5 s")
+                .expect("read");
+            assert!(
+                n > 0,
+                "connection closed before the head: {:?}",
+                String::from_utf8_lossy(&raw)
+            );
+            raw.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
+        let rest = raw[head_end + 4..].to_vec();
+        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        if status != 200 {
+            let mut body = rest;
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("refusals have a Content-Length");
+            while body.len() < length {
+                let mut buf = [0u8; 4096];
+                let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0);
+                body.extend_from_slice(&buf[..n]);
+            }
+            return Err(Answer {
+                status,
+                head,
+                body: String::from_utf8_lossy(&body).to_string(),
+            });
+        }
+        Ok(SseClient {
+            stream,
+            status,
+            head,
+            body: Vec::new(),
+            raw: rest,
+            last_id: None,
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    async fn read_more(&mut self) -> bool {
+        let mut buf = [0u8; 16384];
+        match tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                self.raw.extend_from_slice(&buf[..n]);
+                true
+            }
+            Ok(_) => false,
+            Err(_) => panic!("no SSE bytes within 5 s"),
+        }
+    }
+
+    /// Moves complete chunks from `raw` to `body`; false once the stream has ended.
+    async fn fill(&mut self) -> bool {
+        loop {
+            if let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") {
+                let size_text = String::from_utf8_lossy(&self.raw[..line_end]).to_string();
+                let size = usize::from_str_radix(size_text.trim(), 16).expect("chunk size");
+                if size == 0 {
+                    return false;
+                }
+                let need = line_end + 2 + size + 2;
+                if self.raw.len() >= need {
+                    self.body
+                        .extend_from_slice(&self.raw[line_end + 2..line_end + 2 + size]);
+                    self.raw.drain(..need);
+                    return true;
+                }
+            }
+            if !self.read_more().await {
+                return false;
+            }
+        }
+    }
+
+    /// Exactly `n` body bytes.
+    pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        while self.body.len() < n {
+            assert!(self.fill().await, "stream ended");
+        }
+        self.body.drain(..n).collect()
+    }
+
+    /// The next block, or `None` when the server ended the stream.
+    pub async fn next_block(&mut self) -> Option<SseBlock> {
+        loop {
+            if let Some(end) = self.body.windows(2).position(|w| w == b"\n\n") {
+                let text = String::from_utf8(self.body.drain(..end + 2).collect()).expect("UTF-8");
+                let mut block = SseBlock::default();
+                for line in text.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        block.comments.push(c.trim().to_string());
+                        continue;
+                    }
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "id" => block.id = Some(value.to_string()),
+                        "retry" => block.retry = value.parse().ok(),
+                        "data" => match &mut block.data {
+                            Some(d) => {
+                                d.push('\n');
+                                d.push_str(value);
+                            }
+                            None => block.data = Some(value.to_string()),
+                        },
+                        _ => {}
+                    }
+                }
+                if let Some(id) = &block.id {
+                    self.last_id = Some(id.clone());
+                }
+                return Some(block);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next block with data, parsed as JSON (keepalives and id-only blocks skipped).
+    pub async fn next_json(&mut self) -> Value {
+        loop {
+            let block = self.next_block().await.expect("stream still open");
+            if let Some(data) = block.data {
+                return serde_json::from_str(&data)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {data}"));
+            }
+        }
+    }
+}
+
+/// `/sse?topic=..&token=..` for one topic.
+pub fn sse_path(topic: &str, token: &str) -> String {
+    format!(
+        "/sse?{}",
+        serde_urlencoded::to_string([("topic", topic), ("token", token)]).unwrap()
+    )
+}

@@ -3,4 +3,6 @@
 mod common;
 mod internal_api;
 mod process;
+mod resume;
+mod sse;
 mod websocket;
