@@ -1,5 +1,6 @@
 //! The two filter trees, and the one place where errors become HTTP answers.
 
+pub mod client_js;
 pub mod internal;
 pub mod sse;
 pub mod ws;
@@ -76,12 +77,14 @@ pub fn json(value: &impl serde::Serialize) -> Response {
     r
 }
 
-/// The public listener: `/ws`, `/sse`, `/healthz`.
+/// The public listener: `/ws`, `/sse`, `/client.js`, `/healthz`.
 pub fn public(state: Arc<AppState>) -> Routes {
     health()
         .or(ws::route(state.clone()))
         .unify()
         .or(sse::route(state))
+        .unify()
+        .or(client_js::route())
         .unify()
         .recover(|_| async {
             Ok::<_, std::convert::Infallible>(ApiError::NotFound("not found").into_response())
