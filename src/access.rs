@@ -32,6 +32,19 @@ impl Denied {
         }
     }
 
+    /// The `reason` label of `wavelog_worker_auth_failures_total`.
+    pub fn metric_reason(self) -> &'static str {
+        match self {
+            Denied::NotRegistered => "not_found",
+            Denied::TokenMissing => "auth_required",
+            Denied::Unauthorized(TokenError::Malformed) => "malformed",
+            Denied::Unauthorized(TokenError::BadSignature) => "bad_signature",
+            Denied::Unauthorized(TokenError::BadClaims) => "bad_claims",
+            Denied::Unauthorized(TokenError::Expired) => "expired",
+            Denied::Unauthorized(TokenError::WrongTopic) => "wrong_topic",
+        }
+    }
+
     pub fn message(self) -> &'static str {
         match self {
             Denied::NotRegistered => "topic not registered",

@@ -69,6 +69,21 @@ pub struct Config {
     pub max_history_bytes: usize,
     /// Topics one connection may subscribe to.
     pub max_topics_per_connection: usize,
+    /// Open WebSocket + SSE connections; more are refused with 503.
+    pub max_connections: usize,
+    /// Open connections per client IP; more are refused with 429.
+    pub max_connections_per_ip: usize,
+    /// Registered topics; registering more is refused with 503.
+    pub max_topics: usize,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Every key the config file may contain.
@@ -94,6 +109,10 @@ const KEYS: &[&str] = &[
     "history_ttl",
     "max_history_bytes",
     "max_topics_per_connection",
+    "max_connections",
+    "max_connections_per_ip",
+    "max_topics",
+    "log_format",
 ];
 
 /// One line naming the key and the problem.
@@ -345,7 +364,71 @@ impl Config {
             max_history_bytes: src.integer("max_history_bytes", 64 << 20, 0, 1 << 40)? as usize,
             max_topics_per_connection: src.integer("max_topics_per_connection", 32, 1, 1024)?
                 as usize,
+            max_connections: src.integer("max_connections", 20_000, 1, 10_000_000)? as usize,
+            max_connections_per_ip: src.integer("max_connections_per_ip", 1_000, 1, 10_000_000)?
+                as usize,
+            max_topics: src.integer("max_topics", 100_000, 1, 100_000_000)? as usize,
+            log_format: match src.string("log_format", "text")?.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(ConfigError(format!(
+                        "key \"log_format\": expected \"text\" or \"json\", got {other:?}"
+                    )))
+                }
+            },
         })
+    }
+}
+
+impl Config {
+    /// The effective values as TOML, with the secret replaced by a placeholder.
+    pub fn to_toml_redacted(&self) -> String {
+        let d = |d: Duration| format!("\"{}\"", duration::format_precise(d));
+        let s = |s: &str| format!("{s:?}");
+        let origins: Vec<String> = self.allowed_origins.iter().map(|o| s(o)).collect();
+        let lines = [
+            ("ws_bind", s(&self.ws_bind)),
+            ("ws_port", self.ws_port.to_string()),
+            ("internal_bind", s(&self.internal_bind)),
+            ("internal_port", self.internal_port.to_string()),
+            ("worker_secret", s("[redacted]")),
+            ("topic_ttl", d(self.topic_ttl)),
+            (
+                "enforce_token_expiry",
+                self.enforce_token_expiry.to_string(),
+            ),
+            ("auth_timeout", d(self.auth_timeout)),
+            ("ping_interval", d(self.ping_interval)),
+            ("idle_timeout", d(self.idle_timeout)),
+            ("shutdown_drain", d(self.shutdown_drain)),
+            ("subscriber_queue", self.subscriber_queue.to_string()),
+            ("max_payload_bytes", self.max_payload_bytes.to_string()),
+            ("allowed_origins", format!("[{}]", origins.join(", "))),
+            ("sse_keepalive", d(self.sse_keepalive)),
+            ("sse_retry", d(self.sse_retry)),
+            ("history_size", self.history_size.to_string()),
+            ("history_ttl", d(self.history_ttl)),
+            ("max_history_bytes", self.max_history_bytes.to_string()),
+            (
+                "max_topics_per_connection",
+                self.max_topics_per_connection.to_string(),
+            ),
+            ("max_connections", self.max_connections.to_string()),
+            (
+                "max_connections_per_ip",
+                self.max_connections_per_ip.to_string(),
+            ),
+            ("max_topics", self.max_topics.to_string()),
+            (
+                "log_format",
+                s(match self.log_format {
+                    LogFormat::Text => "text",
+                    LogFormat::Json => "json",
+                }),
+            ),
+        ];
+        lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
     }
 }
 

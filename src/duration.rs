@@ -60,6 +60,16 @@ pub fn format_go(d: Duration) -> String {
     }
 }
 
+/// Formats any duration so that `parse` gives it back: whole seconds as `format_go`, anything
+/// finer in milliseconds.
+pub fn format_precise(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format_go(d)
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

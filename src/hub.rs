@@ -28,6 +28,8 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::metrics::Metrics;
+
 /// A pushed event as it goes out, serialized once per publish.
 #[derive(Debug)]
 pub struct FrameInner {
@@ -111,6 +113,7 @@ struct Topic {
 }
 
 pub struct Hub {
+    metrics: Arc<Metrics>,
     epoch: String,
     next_seq: AtomicU64,
     capacity: usize,
@@ -131,8 +134,9 @@ pub struct Published {
 
 impl Hub {
     /// `capacity` is how many events a subscriber may fall behind before it must resync.
-    pub fn new(capacity: usize, limits: HistoryLimits) -> Arc<Self> {
+    pub fn new(capacity: usize, limits: HistoryLimits, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Hub {
+            metrics,
             epoch: new_epoch(),
             next_seq: AtomicU64::new(1),
             capacity: capacity.max(1),
@@ -249,6 +253,9 @@ impl Hub {
             Some(sender) => sender.send(frame).unwrap_or(0),
             None => 0,
         };
+        self.metrics
+            .deliveries
+            .fetch_add(receivers as u64, Ordering::Relaxed);
         (seq, receivers)
     }
 
@@ -311,7 +318,10 @@ impl Hub {
         });
         let (replay, position) = match resume_from {
             None => (Replay::Events(Vec::new()), now_seq),
-            Some(None) => (Replay::Resync, now_seq),
+            Some(None) => {
+                self.metrics.resyncs.inc("resume");
+                (Replay::Resync, now_seq)
+            }
             Some(Some(from)) => {
                 let missed = state
                     .history
@@ -499,6 +509,10 @@ mod tests {
 
     use super::*;
 
+    fn hub(capacity: usize, limits: HistoryLimits) -> Arc<Hub> {
+        Hub::new(capacity, limits, Arc::new(Metrics::default()))
+    }
+
     fn limits(size: usize) -> HistoryLimits {
         HistoryLimits {
             size,
@@ -516,7 +530,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_are_shared_and_ordered() {
-        let hub = Hub::new(8, limits(0));
+        let hub = hub(8, limits(0));
         let mut a = hub.subscribe("t", None).subscription;
         let mut b = hub.subscribe("t", None).subscription;
         let _other = hub.subscribe("u", None).subscription;
@@ -533,7 +547,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lagging_subscriber_gets_resync() {
-        let hub = Hub::new(4, limits(0));
+        let hub = hub(4, limits(0));
         let mut slow = hub.subscribe("t", None).subscription;
         for i in 0..100 {
             hub.publish("t", &i.to_string(), None);
@@ -545,7 +559,7 @@ mod tests {
 
     #[tokio::test]
     async fn resume_replays_exactly_the_missed_events() {
-        let hub = Hub::new(64, limits(4));
+        let hub = hub(64, limits(4));
         let first = hub.subscribe("t", None);
         let position = first.position.clone();
         drop(first);
@@ -587,7 +601,7 @@ mod tests {
 
     #[tokio::test]
     async fn history_respects_the_byte_budget() {
-        let hub = Hub::new(
+        let hub = hub(
             8,
             HistoryLimits {
                 size: 1000,

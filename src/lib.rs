@@ -7,6 +7,8 @@ pub mod access;
 pub mod config;
 pub mod duration;
 pub mod hub;
+pub mod limits;
+pub mod metrics;
 pub mod presence;
 pub mod registry;
 pub mod routes;
@@ -24,6 +26,7 @@ use tokio::task::JoinHandle;
 
 pub use config::Config;
 use hub::{HistoryLimits, Hub};
+use metrics::Metrics;
 use presence::Presence;
 use registry::Registry;
 use server::{Shutdown, Tracker};
@@ -36,6 +39,8 @@ pub struct AppState {
     pub registry: Registry,
     pub hub: Arc<Hub>,
     pub presence: Arc<Presence>,
+    pub metrics: Arc<Metrics>,
+    pub limits: limits::ConnectionLimits,
     pub started: Instant,
     pub shutdown: Shutdown,
     /// Open WebSockets (and later streams), so shutdown can wait for them to close.
@@ -104,8 +109,14 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
     }
 
     let (trigger, shutdown) = Shutdown::new();
+    let metrics = Arc::new(Metrics::default());
     let state = Arc::new(AppState {
-        registry: Registry::new(config.topic_ttl),
+        metrics: metrics.clone(),
+        limits: limits::ConnectionLimits::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+        ),
+        registry: Registry::new(config.topic_ttl, config.max_topics),
         hub: Hub::new(
             config.subscriber_queue,
             HistoryLimits {
@@ -113,6 +124,7 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
                 ttl: config.history_ttl,
                 max_bytes: config.max_history_bytes,
             },
+            metrics,
         ),
         presence: Presence::new(),
         started: Instant::now(),

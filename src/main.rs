@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use wavelog_worker::config::LogFormat;
 use wavelog_worker::{duration, token, Config};
 
 #[derive(Parser)]
@@ -16,6 +17,9 @@ struct Cli {
     /// Path of the TOML config file.
     #[arg(long, short, global = true, default_value = "worker.toml")]
     config: PathBuf,
+    /// Validate the config, print the effective values (secret redacted) and exit.
+    #[arg(long)]
+    check_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
             user_id,
             ttl,
         }) => make_token(&cli.config, &topic, user_id, &ttl),
+        None if cli.check_config => check_config(&cli.config),
         None => serve(&cli.config),
     }
 }
@@ -64,7 +69,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging();
+    init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,16 +89,30 @@ fn serve(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// Prints the effective configuration as TOML (secret redacted), so an operator sees what the
+/// file plus environment amount to.
+fn check_config(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("# effective configuration of {} (valid)", path.display());
+    print!("{}", config.to_toml_redacted());
+    ExitCode::SUCCESS
 }
 
 fn gen_secret() -> ExitCode {

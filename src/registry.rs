@@ -38,14 +38,19 @@ impl Entry {
     }
 }
 
+/// `register` refused: `max_topics` reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryFull;
+
 pub struct Registry {
     ttl: Duration,
+    max_topics: usize,
     topics: RwLock<HashMap<Arc<str>, Entry>>,
 }
 
 impl Registry {
     /// A registry holding only the reserved status topic.
-    pub fn new(ttl: Duration) -> Self {
+    pub fn new(ttl: Duration, max_topics: usize) -> Self {
         let mut topics = HashMap::new();
         topics.insert(
             Arc::from(STATUS_TOPIC),
@@ -59,15 +64,16 @@ impl Registry {
         );
         Registry {
             ttl,
+            max_topics,
             topics: RwLock::new(topics),
         }
     }
 
     /// Registers or refreshes `topic`. The status topic keeps its fixed meta (token required):
     /// re-registering it is accepted but changes nothing.
-    pub fn register(&self, topic: &str, meta: TopicMeta) {
+    pub fn register(&self, topic: &str, meta: TopicMeta) -> Result<(), RegistryFull> {
         if topic == STATUS_TOPIC {
-            return;
+            return Ok(());
         }
         let entry = Entry {
             meta,
@@ -77,9 +83,18 @@ impl Registry {
         match topics.get_mut(topic) {
             Some(existing) => *existing = entry,
             None => {
+                if topics.len() >= self.max_topics + 1 {
+                    // Full: make room from expired entries before refusing.
+                    let now = Instant::now();
+                    topics.retain(|_, e| e.alive(now));
+                    if topics.len() >= self.max_topics + 1 {
+                        return Err(RegistryFull);
+                    }
+                }
                 topics.insert(Arc::from(topic), entry);
             }
         }
+        Ok(())
     }
 
     /// Removes `topic`. Sockets already subscribed stay connected (as with the Go worker); new
@@ -149,15 +164,15 @@ mod tests {
 
     #[test]
     fn topics_expire_and_refresh() {
-        let r = Registry::new(Duration::from_millis(50));
+        let r = Registry::new(Duration::from_millis(50), 10);
         let open = TopicMeta {
             require_token: false,
             coalesce_ms: 0,
         };
-        r.register("a", open);
+        r.register("a", open).unwrap();
         assert_eq!(r.lookup("a"), Some(open));
         std::thread::sleep(Duration::from_millis(30));
-        r.register("a", open);
+        r.register("a", open).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(
             r.lookup("a"),
@@ -166,7 +181,7 @@ mod tests {
         );
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(r.lookup("a"), None);
-        r.register("b", open);
+        r.register("b", open).unwrap();
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(r.sweep(), 1);
         assert_eq!(

@@ -26,9 +26,9 @@ pub fn route() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + 
 
 fn etag() -> String {
     // FNV-1a over the file: stable across runs, changes with the content.
-    let hash = CLIENT_JS
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let hash = CLIENT_JS.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     format!("\"{}-{hash:016x}\"", crate::VERSION)
 }
 

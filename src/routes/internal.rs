@@ -83,6 +83,24 @@ where
         return Err(ApiError::MethodNotAllowed(allow));
     }
     authorize(headers, state.config.worker_secret.expose())?;
+    let result = dispatch(endpoint, headers, query, body, state).await;
+    if let Err(ApiError::PayloadTooLarge(_)) = &result {
+        state.metrics.limit_refusals.inc("max_payload_bytes");
+    }
+    result
+}
+
+async fn dispatch<S, B>(
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    query: &str,
+    body: S,
+    state: &AppState,
+) -> Result<Response, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
     match endpoint {
         Endpoint::Register => {
             let body = read_body(headers, body, state.config.max_payload_bytes).await?;
@@ -93,8 +111,18 @@ where
             unregister(&body, state)
         }
         Endpoint::Publish => {
-            let body = read_body(headers, body, state.config.max_payload_bytes).await?;
-            publish(&body, state)
+            let result = match read_body(headers, body, state.config.max_payload_bytes).await {
+                Ok(body) => publish(&body, state),
+                Err(e) => Err(e),
+            };
+            state.metrics.publishes.inc(match &result {
+                Ok((_, true)) => "coalesced",
+                Ok(_) => "ok",
+                Err(ApiError::NotFound(_)) => "not_found",
+                Err(ApiError::PayloadTooLarge(_)) => "too_large",
+                Err(_) => "bad_request",
+            });
+            result.map(|(response, _)| response)
         }
         Endpoint::Status => {
             let with_lists = query_pairs(query)?
@@ -103,6 +131,33 @@ where
             Ok(json(&Status::collect(state, with_lists)))
         }
     }
+}
+
+/// `GET /metrics`: Prometheus text format, behind the same secret (Prometheus sends
+/// `Authorization: Bearer`).
+pub fn metrics_route(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path("metrics")
+        .and(warp::path::end())
+        .and(warp::method())
+        .and(warp::header::headers_cloned())
+        .and(with_state(state))
+        .map(|method: Method, headers: HeaderMap, state: Arc<AppState>| {
+            let answer = || -> Result<Response, ApiError> {
+                if method != Method::GET && method != Method::HEAD {
+                    return Err(ApiError::MethodNotAllowed("GET, HEAD"));
+                }
+                authorize(&headers, state.config.worker_secret.expose())?;
+                let mut res = Response::new(state.metrics.render(&state).into());
+                res.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                Ok(res)
+            };
+            answer().unwrap_or_else(ApiError::into_response)
+        })
 }
 
 /// `X-Worker-Secret: <secret>` or `Authorization: Bearer <secret>`, compared in constant time
@@ -199,13 +254,14 @@ fn register(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
             "meta.coalesce_ms: at most {MAX_COALESCE_MS}"
         )));
     }
-    state.registry.register(
-        &topic,
-        TopicMeta {
-            require_token: meta.require_token,
-            coalesce_ms: meta.coalesce_ms,
-        },
-    );
+    let meta_value = TopicMeta {
+        require_token: meta.require_token,
+        coalesce_ms: meta.coalesce_ms,
+    };
+    if state.registry.register(&topic, meta_value).is_err() {
+        state.metrics.limit_refusals.inc("max_topics");
+        return Err(ApiError::Unavailable("too many topics (max_topics)"));
+    }
     tracing::debug!(topic = ?topic, require_token = meta.require_token, "topic registered");
     Ok(json(&serde_json::json!({ "status": "ok" })))
 }
@@ -237,7 +293,8 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
-fn publish(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
+/// Publishes; the flag says whether coalescing held the event back.
+fn publish(body: &[u8], state: &AppState) -> Result<(Response, bool), ApiError> {
     let req: PublishBody<'_> = serde_json::from_slice(body).map_err(bad_json)?;
     let topic = required_topic(req.topic)?;
     let payload = req
@@ -248,10 +305,12 @@ fn publish(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
         .lookup(&topic)
         .ok_or(ApiError::NotFound("topic not registered"))?;
     let published = state.hub.publish(&topic, payload.get(), meta.coalesce());
-    Ok(json(&serde_json::json!({
+    let coalesced = published.id.is_none();
+    let response = json(&serde_json::json!({
         "status": "ok",
         "id": published.id,
-        "coalesced": published.id.is_none(),
+        "coalesced": coalesced,
         "receivers": published.receivers,
-    })))
+    }));
+    Ok((response, coalesced))
 }

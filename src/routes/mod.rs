@@ -5,13 +5,14 @@ pub mod internal;
 pub mod sse;
 pub mod ws;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
 
+use crate::limits::{LimitHit, Permit};
 use crate::server::Routes;
 use crate::AppState;
 
@@ -25,6 +26,8 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     PayloadTooLarge(usize),
     UpgradeRequired,
+    TooManyRequests(&'static str),
+    Unavailable(&'static str),
 }
 
 impl ApiError {
@@ -44,6 +47,8 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body larger than {limit} bytes"),
             ),
+            ApiError::TooManyRequests(why) => (StatusCode::TOO_MANY_REQUESTS, why.to_string()),
+            ApiError::Unavailable(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
             ApiError::UpgradeRequired => {
                 let mut r = text(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
                 r.headers_mut()
@@ -77,9 +82,11 @@ pub fn json(value: &impl serde::Serialize) -> Response {
     r
 }
 
-/// The public listener: `/ws`, `/sse`, `/client.js`, `/healthz`.
+/// The public listener: `/ws`, `/sse`, `/client.js`, `/healthz`, `/readyz`.
 pub fn public(state: Arc<AppState>) -> Routes {
     health()
+        .or(ready(state.clone()))
+        .unify()
         .or(ws::route(state.clone()))
         .unify()
         .or(sse::route(state))
@@ -93,9 +100,13 @@ pub fn public(state: Arc<AppState>) -> Routes {
         .boxed()
 }
 
-/// The internal listener: `/internal/*`, `/healthz`.
+/// The internal listener: `/internal/*`, `/metrics`, `/healthz`, `/readyz`.
 pub fn internal(state: Arc<AppState>) -> Routes {
     health()
+        .or(ready(state.clone()))
+        .unify()
+        .or(internal::metrics_route(state.clone()))
+        .unify()
         .or(internal::route(state))
         .unify()
         .recover(|_| async {
@@ -112,6 +123,23 @@ fn health() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clo
         .and(warp::method())
         .map(|method: Method| match method {
             Method::GET | Method::HEAD => text(StatusCode::OK, "ok"),
+            _ => ApiError::MethodNotAllowed("GET, HEAD").into_response(),
+        })
+}
+
+/// `GET /readyz`: 200 while serving; 503 once shutdown has begun (so a load balancer stops
+/// sending new clients before the sockets close).
+fn ready(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path("readyz")
+        .and(warp::path::end())
+        .and(warp::method())
+        .map(move |method: Method| match method {
+            Method::GET | Method::HEAD if state.shutdown.is_down() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+            }
+            Method::GET | Method::HEAD => text(StatusCode::OK, "ready"),
             _ => ApiError::MethodNotAllowed("GET, HEAD").into_response(),
         })
 }
@@ -134,31 +162,54 @@ pub fn with_state(
     warp::any().map(move || state.clone())
 }
 
-/// The client's address for logs: the first `X-Forwarded-For` entry or `X-Real-IP` when a proxy
-/// set one, else the peer. Only characters that occur in addresses survive, so a forged header
-/// cannot inject log lines.
-pub fn client_addr(headers: &HeaderMap, peer: SocketAddr) -> String {
-    let forwarded = headers
+/// The client's IP, for logs and per-IP limits. `X-Forwarded-For` (first entry) or `X-Real-IP`
+/// count only when the peer is a proxy on this host or a private network (loopback, RFC 1918,
+/// IPv6 unique-local); anyone else could forge them. Being a parsed address, it cannot carry a
+/// log injection.
+pub fn client_ip(headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
+    let peer_ip = peer.ip().to_canonical();
+    if !is_proxy(peer_ip) {
+        return peer_ip;
+    }
+    headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').next())
         .or_else(|| headers.get("x-real-ip").and_then(|v| v.to_str().ok()))
-        .map(str::trim)
-        .filter(|v| !v.is_empty());
-    match forwarded {
-        Some(v) => v
-            .chars()
-            .take(64)
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || ".:[]-_".contains(c) {
-                    c
-                } else {
-                    '?'
-                }
-            })
-            .collect(),
-        None => peer.ip().to_canonical().to_string(),
+        .and_then(|v| v.trim().parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .unwrap_or(peer_ip)
+}
+
+fn is_proxy(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private(),
+        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
     }
+}
+
+/// Takes a connection slot for the client (503 when the worker is full, 429 when this client
+/// holds too many) and names the client for logs.
+pub fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<(Permit, String), ApiError> {
+    let ip = client_ip(headers, peer);
+    let permit = state.limits.acquire(ip).map_err(|hit| {
+        state.metrics.limit_refusals.inc(hit.metric_label());
+        match hit {
+            LimitHit::Total => ApiError::Unavailable("too many connections"),
+            LimitHit::PerIp => ApiError::TooManyRequests("too many connections from this address"),
+        }
+    })?;
+    Ok((permit, ip.to_string()))
+}
+
+/// `check_origin`, counted as an auth failure when refused.
+pub fn origin_of(state: &AppState, headers: &HeaderMap) -> Result<Option<HeaderValue>, ApiError> {
+    check_origin(&state.config.allowed_origins, headers)
+        .inspect_err(|_| state.metrics.auth_failures.inc("origin"))
 }
 
 /// The browser origin of a request, checked against `allowed_origins` (empty = any). Returns

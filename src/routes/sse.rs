@@ -24,9 +24,11 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::ws::spread;
-use super::{check_origin, client_addr, query_pairs, query_raw, with_state, ApiError};
+use super::{admit, origin_of, query_pairs, query_raw, with_state, ApiError};
 use crate::access::{self, Denied};
 use crate::hub::{sse_data, Delivery, Replay, Subscription};
+use crate::limits::Permit;
+use crate::metrics::{ConnectionGauge, Metrics, Transport};
 use crate::presence::Member;
 use crate::server::{PeerAddr, Tracked};
 use crate::AppState;
@@ -47,7 +49,7 @@ pub fn route(
              headers: HeaderMap,
              peer: PeerAddr,
              state: Arc<AppState>| {
-                let origin = match check_origin(&state.config.allowed_origins, &headers) {
+                let origin = match origin_of(&state, &headers) {
                     Ok(origin) => origin,
                     Err(e) => return e.into_response(),
                 };
@@ -139,7 +141,6 @@ fn open(
             "at most {limit} topics per connection"
         )));
     }
-    let client = client_addr(headers, peer.0);
     let mut user_id = 0;
     for (topic, token) in &req.topics {
         match access::lookup_and_grant(&state, topic, token) {
@@ -148,15 +149,20 @@ fn open(
                     user_id = grant.user_id;
                 }
             }
-            Err(Denied::NotRegistered) => return Err(ApiError::NotFound("topic not registered")),
             Err(denied) => {
+                state.metrics.auth_failures.inc(denied.metric_reason());
+                if denied == Denied::NotRegistered {
+                    return Err(ApiError::NotFound("topic not registered"));
+                }
+                let client = super::client_ip(headers, peer.0);
                 tracing::info!(topic = ?topic, client = %client, reason = denied.message(), "sse auth refused");
                 return Err(ApiError::Unauthorized(denied.message()));
             }
         }
     }
+    let (permit, client) = admit(&state, headers, peer.0)?;
     let resume = cursor_ids(req.last_event_id.as_deref(), req.topics.len());
-    let stream = EventStream::open(&state, &req.topics, resume, user_id, client);
+    let stream = EventStream::open(&state, &req.topics, resume, user_id, client, permit);
 
     let mut res = warp::reply::stream(stream).into_response();
     let h = res.headers_mut();
@@ -206,8 +212,11 @@ struct EventStream {
     drain_delay: std::time::Duration,
     client: String,
     started: Instant,
+    metrics: Arc<Metrics>,
     _member: Member,
     _tracked: Tracked,
+    _gauge: ConnectionGauge,
+    _permit: Permit,
 }
 
 impl EventStream {
@@ -217,6 +226,7 @@ impl EventStream {
         resume: Vec<Option<String>>,
         user_id: i64,
         client: String,
+        permit: Permit,
     ) -> EventStream {
         let cfg = &state.config;
         let mut stream = EventStream {
@@ -233,8 +243,11 @@ impl EventStream {
             drain_delay: spread(state.next_conn_id(), cfg.shutdown_drain),
             client,
             started: Instant::now(),
+            metrics: state.metrics.clone(),
             _member: state.presence.join(user_id),
             _tracked: state.sockets.track(),
+            _gauge: state.metrics.open(Transport::Sse),
+            _permit: permit,
         };
         let mut replays = Vec::new();
         for (i, ((topic, _), resume)) in topics.iter().zip(resume).enumerate() {
@@ -271,6 +284,7 @@ impl EventStream {
             Delivery::Event(frame) => frame,
             Delivery::Resync => return self.push_resync(i),
         };
+
         if self.cursor.len() == 1 {
             self.queue.push_back(frame.sse_id.clone());
         } else {
@@ -309,6 +323,11 @@ impl Stream for EventStream {
             return Poll::Ready(Some(Ok(chunk)));
         }
         if let Poll::Ready(Some((i, delivery))) = Pin::new(&mut this.subs).poll_next(cx) {
+            if let Delivery::Event(frame) = &delivery {
+                this.metrics
+                    .publish_to_send
+                    .observe(frame.published.elapsed());
+            }
             this.push(i, delivery);
             if let Some(chunk) = this.queue.pop_front() {
                 return Poll::Ready(Some(Ok(chunk)));

@@ -25,9 +25,10 @@ use tokio_tungstenite::WebSocketStream;
 use warp::reply::Response;
 use warp::Filter;
 
-use super::{check_origin, client_addr, query_pairs, query_raw, with_state, ApiError};
+use super::{admit, origin_of, query_pairs, query_raw, with_state, ApiError};
 use crate::access::{self, Denied, Grant};
 use crate::hub::{Delivery, Replay, Subscription};
+use crate::metrics::Transport;
 use crate::registry::{TopicMeta, STATUS_TOPIC};
 use crate::server::PeerAddr;
 use crate::status::Status;
@@ -75,7 +76,7 @@ fn handshake(
     if method != Method::GET {
         return Err(ApiError::MethodNotAllowed("GET"));
     }
-    check_origin(&state.config.allowed_origins, headers)?;
+    origin_of(&state, headers)?;
     let topic = query_pairs(query)?
         .into_iter()
         .find(|(k, v)| k == "topic" && !v.is_empty())
@@ -87,7 +88,7 @@ fn handshake(
         .ok_or(ApiError::NotFound("topic not registered"))?;
     let key = websocket_key(headers).ok_or(ApiError::UpgradeRequired)?;
     let upgrade = upgrade.ok_or(ApiError::UpgradeRequired)?;
-    let client = client_addr(headers, peer.0);
+    let (permit, client) = admit(&state, headers, peer.0)?;
 
     tokio::spawn(async move {
         match upgrade.await {
@@ -99,6 +100,7 @@ fn handshake(
                 )
                 .await;
                 Session::new(ws, state, topic, meta, client).run().await;
+                drop(permit);
             }
             Err(e) => tracing::debug!(client = %client, "websocket upgrade failed: {e}"),
         }
@@ -272,6 +274,7 @@ impl Session {
 
     async fn run(mut self) {
         let _tracked = self.state.sockets.track();
+        let _gauge = self.state.metrics.open(Transport::WebSocket);
         let started = Instant::now();
         let end = match self.authenticate().await {
             Ok((grant, resume)) => self.serve(grant, resume).await,
@@ -302,17 +305,26 @@ impl Session {
                 next = timeout_at(deadline, self.ws.next()) => next,
             };
             let text = match next {
-                Err(_) => return Err(End::AuthTimeout),
+                Err(_) => {
+                    self.state.metrics.auth_failures.inc("auth_timeout");
+                    return Err(End::AuthTimeout);
+                }
                 Ok(None) => return Err(End::PeerGone),
                 Ok(Some(Err(e))) => return Err(End::from_ws(e)),
                 Ok(Some(Ok(Message::Text(text)))) => text,
-                Ok(Some(Ok(Message::Binary(_)))) => return Err(auth_required),
+                Ok(Some(Ok(Message::Binary(_)))) => {
+                    self.state.metrics.auth_failures.inc("auth_required");
+                    return Err(auth_required);
+                }
                 Ok(Some(Ok(Message::Close(_)))) => return Err(End::PeerClosed),
                 Ok(Some(Ok(_))) => continue,
             };
             let frame = match serde_json::from_str::<Inbound>(&text) {
                 Ok(f) if f.kind == "auth" => f,
-                _ => return Err(auth_required),
+                _ => {
+                    self.state.metrics.auth_failures.inc("auth_required");
+                    return Err(auth_required);
+                }
             };
             let token = frame.token.unwrap_or_default();
             return match access::grant(&self.state, &self.topic, self.meta, &token) {
@@ -326,6 +338,7 @@ impl Session {
     }
 
     fn log_refusal(&self, topic: &str, denied: Denied) {
+        self.state.metrics.auth_failures.inc(denied.metric_reason());
         tracing::info!(topic = ?topic, client = %self.client, reason = denied.message(), "ws auth refused");
     }
 
@@ -531,6 +544,10 @@ impl Session {
 
     /// Writes one delivery and whatever else is already queued, then flushes once.
     async fn deliver(&mut self, first: (Arc<str>, Delivery)) -> Result<(), End> {
+        let published = match &first.1 {
+            Delivery::Event(frame) => Some(frame.published),
+            Delivery::Resync => None,
+        };
         self.feed(delivery_message(first)).await?;
         for _ in 1..BATCH {
             match self.subs.next().now_or_never() {
@@ -538,7 +555,14 @@ impl Session {
                 _ => break,
             }
         }
-        self.flush().await
+        self.flush().await?;
+        if let Some(published) = published {
+            self.state
+                .metrics
+                .publish_to_send
+                .observe(published.elapsed());
+        }
+        Ok(())
     }
 
     /// Queues a frame; a client that doesn't take it within `idle_timeout` is dropped.

@@ -1,0 +1,374 @@
+//! Prometheus metrics, kept as plain atomics (no registry, no locks on the hot path) and
+//! rendered in the text exposition format at `GET /metrics` on the internal listener.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::AppState;
+
+/// A set of counters with one label whose values are known up front.
+pub struct CounterVec<const N: usize> {
+    label: &'static str,
+    names: [&'static str; N],
+    values: [AtomicU64; N],
+}
+
+impl<const N: usize> CounterVec<N> {
+    const fn new(label: &'static str, names: [&'static str; N]) -> Self {
+        CounterVec {
+            label,
+            names,
+            values: [const { AtomicU64::new(0) }; N],
+        }
+    }
+
+    pub fn inc(&self, name: &str) {
+        self.add(name, 1);
+    }
+
+    pub fn add(&self, name: &str, n: u64) {
+        if let Some(i) = self.names.iter().position(|x| *x == name) {
+            self.values[i].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, name: &str) -> u64 {
+        self.names
+            .iter()
+            .position(|x| *x == name)
+            .map_or(0, |i| self.values[i].load(Ordering::Relaxed))
+    }
+
+    fn render(&self, out: &mut String, metric: &str) {
+        for (name, value) in self.names.iter().zip(&self.values) {
+            let _ = writeln!(
+                out,
+                "{metric}{{{}=\"{name}\"}} {}",
+                self.label,
+                value.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// Publish-to-send latency, microsecond resolution.
+pub struct Histogram {
+    bounds_us: [u64; 14],
+    buckets: [AtomicU64; 14],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    const fn new() -> Self {
+        Histogram {
+            bounds_us: [
+                100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+                500_000, 1_000_000, 2_500_000,
+            ],
+            buckets: [const { AtomicU64::new(0) }; 14],
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        if let Some(i) = self.bounds_us.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, metric: &str) {
+        let mut cumulative = 0;
+        for (bound, bucket) in self.bounds_us.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{metric}_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{metric}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{metric}_sum {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{metric}_count {count}");
+    }
+}
+
+/// The two transports, as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    Sse,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+pub struct Metrics {
+    ws_open: AtomicI64,
+    sse_open: AtomicI64,
+    pub connections_opened: CounterVec<2>,
+    pub connections_closed: CounterVec<2>,
+    pub auth_failures: CounterVec<9>,
+    pub publishes: CounterVec<5>,
+    pub deliveries: AtomicU64,
+    pub resyncs: CounterVec<2>,
+    pub lagged_events: AtomicU64,
+    pub limit_refusals: CounterVec<4>,
+    pub publish_to_send: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            ws_open: AtomicI64::new(0),
+            sse_open: AtomicI64::new(0),
+            connections_opened: CounterVec::new("transport", ["websocket", "sse"]),
+            connections_closed: CounterVec::new("transport", ["websocket", "sse"]),
+            auth_failures: CounterVec::new(
+                "reason",
+                [
+                    "auth_required",
+                    "malformed",
+                    "bad_signature",
+                    "bad_claims",
+                    "expired",
+                    "wrong_topic",
+                    "not_found",
+                    "auth_timeout",
+                    "origin",
+                ],
+            ),
+            publishes: CounterVec::new(
+                "result",
+                ["ok", "bad_request", "not_found", "too_large", "coalesced"],
+            ),
+            deliveries: AtomicU64::new(0),
+            resyncs: CounterVec::new("cause", ["lagged", "resume"]),
+            lagged_events: AtomicU64::new(0),
+            limit_refusals: CounterVec::new(
+                "limit",
+                [
+                    "max_connections",
+                    "max_connections_per_ip",
+                    "max_topics",
+                    "max_payload_bytes",
+                ],
+            ),
+            publish_to_send: Histogram::new(),
+        }
+    }
+}
+
+/// Counts one open connection; dropping it counts the close.
+pub struct ConnectionGauge {
+    metrics: Arc<Metrics>,
+    transport: Transport,
+}
+
+impl Metrics {
+    pub fn open(self: &Arc<Self>, transport: Transport) -> ConnectionGauge {
+        self.gauge(transport).fetch_add(1, Ordering::Relaxed);
+        self.connections_opened.inc(transport.label());
+        ConnectionGauge {
+            metrics: self.clone(),
+            transport,
+        }
+    }
+
+    fn gauge(&self, transport: Transport) -> &AtomicI64 {
+        match transport {
+            Transport::WebSocket => &self.ws_open,
+            Transport::Sse => &self.sse_open,
+        }
+    }
+
+    /// The whole exposition, with the gauges read from `state` now.
+    pub fn render(&self, state: &AppState) -> String {
+        let mut out = String::with_capacity(8192);
+        let (clients, _) = state.presence.counts();
+        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        header(
+            &mut out,
+            "wavelog_worker_build_info",
+            "gauge",
+            "Build information.",
+        );
+        let _ = writeln!(
+            out,
+            "wavelog_worker_build_info{{version=\"{}\"}} 1",
+            crate::VERSION
+        );
+        header(
+            &mut out,
+            "wavelog_worker_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+        );
+        let _ = writeln!(
+            out,
+            "wavelog_worker_uptime_seconds {}",
+            state.started.elapsed().as_secs()
+        );
+        header(
+            &mut out,
+            "wavelog_worker_connections",
+            "gauge",
+            "Open connections by transport.",
+        );
+        for t in [Transport::WebSocket, Transport::Sse] {
+            let _ = writeln!(
+                out,
+                "wavelog_worker_connections{{transport=\"{}\"}} {}",
+                t.label(),
+                self.gauge(t).load(Ordering::Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "wavelog_worker_connected_clients",
+            "gauge",
+            "Distinct authenticated users plus anonymous connections.",
+        );
+        let _ = writeln!(out, "wavelog_worker_connected_clients {clients}");
+        header(
+            &mut out,
+            "wavelog_worker_connections_opened_total",
+            "counter",
+            "Connections opened, by transport.",
+        );
+        self.connections_opened
+            .render(&mut out, "wavelog_worker_connections_opened_total");
+        header(
+            &mut out,
+            "wavelog_worker_connections_closed_total",
+            "counter",
+            "Connections closed, by transport.",
+        );
+        self.connections_closed
+            .render(&mut out, "wavelog_worker_connections_closed_total");
+        header(
+            &mut out,
+            "wavelog_worker_auth_failures_total",
+            "counter",
+            "Refused connections and subscriptions, by reason.",
+        );
+        self.auth_failures
+            .render(&mut out, "wavelog_worker_auth_failures_total");
+        header(
+            &mut out,
+            "wavelog_worker_publishes_total",
+            "counter",
+            "Internal publish requests, by result.",
+        );
+        self.publishes
+            .render(&mut out, "wavelog_worker_publishes_total");
+        header(
+            &mut out,
+            "wavelog_worker_deliveries_total",
+            "counter",
+            "Events handed to subscribers.",
+        );
+        let _ = writeln!(
+            out,
+            "wavelog_worker_deliveries_total {}",
+            self.deliveries.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "wavelog_worker_resyncs_total",
+            "counter",
+            "resync frames sent, by cause.",
+        );
+        self.resyncs
+            .render(&mut out, "wavelog_worker_resyncs_total");
+        header(
+            &mut out,
+            "wavelog_worker_lagged_events_total",
+            "counter",
+            "Events skipped for subscribers that fell behind (each told to resync).",
+        );
+        let _ = writeln!(
+            out,
+            "wavelog_worker_lagged_events_total {}",
+            self.lagged_events.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "wavelog_worker_limit_refusals_total",
+            "counter",
+            "Requests refused by a configured limit.",
+        );
+        self.limit_refusals
+            .render(&mut out, "wavelog_worker_limit_refusals_total");
+        header(
+            &mut out,
+            "wavelog_worker_registered_topics",
+            "gauge",
+            "Registered topics.",
+        );
+        let _ = writeln!(
+            out,
+            "wavelog_worker_registered_topics {}",
+            state.registry.count()
+        );
+        header(
+            &mut out,
+            "wavelog_worker_active_topics",
+            "gauge",
+            "Topics with at least one subscriber.",
+        );
+        let _ = writeln!(
+            out,
+            "wavelog_worker_active_topics {}",
+            state.hub.active_topics().len()
+        );
+        header(
+            &mut out,
+            "wavelog_worker_history_bytes",
+            "gauge",
+            "Memory held by event history.",
+        );
+        let _ = writeln!(
+            out,
+            "wavelog_worker_history_bytes {}",
+            state.hub.history_bytes()
+        );
+        header(
+            &mut out,
+            "wavelog_worker_publish_to_send_seconds",
+            "histogram",
+            "Time from publish to the frame being written to a subscriber's socket.",
+        );
+        self.publish_to_send
+            .render(&mut out, "wavelog_worker_publish_to_send_seconds");
+        out
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.metrics
+            .gauge(self.transport)
+            .fetch_sub(1, Ordering::Relaxed);
+        self.metrics.connections_closed.inc(self.transport.label());
+    }
+}
