@@ -476,3 +476,49 @@ pub fn sse_path(topic: &str, token: &str) -> String {
         serde_urlencoded::to_string([("topic", topic), ("token", token)]).unwrap()
     )
 }
+
+/// Finds a system program a test needs. Missing: the test is skipped with a clear message,
+/// except under CI (`CI` set), where it fails, since CI installs everything.
+pub fn require_tool(name: &str) -> Option<std::path::PathBuf> {
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/bin", "/sbin", "/usr/local/bin"].map(std::path::PathBuf::from));
+    if let Some(found) = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
+        return Some(found);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{name} is required under CI (.ci/run installs it) but was not found");
+    }
+    eprintln!("SKIPPED: this test needs `{name}`, which is not installed (apt-get install {name}); .ci/run installs it");
+    None
+}
+
+/// A fresh private directory under the system temp dir, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ww-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -2,6 +2,8 @@
 
 mod common;
 mod internal_api;
+mod nginx;
+mod ops;
 mod process;
 mod resume;
 mod sse;
