@@ -75,12 +75,15 @@ pub fn grant(state: &AppState, topic: &str, meta: TopicMeta, token: &str) -> Res
 }
 
 /// Looks the topic up, then checks the token.
-pub fn lookup_and_grant(
+pub async fn lookup_and_grant(
     state: &AppState,
     topic: &str,
     token: &str,
 ) -> Result<(TopicMeta, Grant), Denied> {
-    let meta = state.registry.lookup(topic).ok_or(Denied::NotRegistered)?;
+    let meta = state
+        .lookup_topic(topic)
+        .await
+        .ok_or(Denied::NotRegistered)?;
     Ok((meta, grant(state, topic, meta, token)?))
 }
 

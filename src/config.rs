@@ -54,6 +54,10 @@ pub struct Config {
     pub shutdown_drain: Duration,
     /// Events queued per subscriber before it is considered lagging and told to resync.
     pub subscriber_queue: usize,
+    /// Cluster mode: the Redis URL (`redis://[user:pass@]host:port/db`).
+    pub redis_url: Option<String>,
+    /// How long a node trusts its cached view of a topic's registration (cluster mode).
+    pub registry_cache_ttl: Duration,
     /// Largest body accepted by the internal API.
     pub max_payload_bytes: usize,
     /// Browser origins allowed on `/ws` and `/sse`; empty = any.
@@ -113,6 +117,7 @@ const KEYS: &[&str] = &[
     "max_connections_per_ip",
     "max_topics",
     "log_format",
+    "registry_cache_ttl",
 ];
 
 /// One line naming the key and the problem.
@@ -262,6 +267,18 @@ impl Source<'_> {
     }
 }
 
+/// A Redis URL with its password replaced, for printing.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:[redacted]{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// A short rendering of a TOML value for error lines.
 fn show(v: &toml::Value) -> String {
     match v {
@@ -325,13 +342,18 @@ impl Config {
                 secret.chars().count()
             )));
         }
-        let redis_url = src.string("redis_url", "")?;
-        if !redis_url.trim().is_empty() {
+        let redis_url = src.string("redis_url", "")?.trim().to_string();
+        if redis_url.starts_with("rediss://") {
             return Err(ConfigError(
-                "key \"redis_url\": cluster mode (Redis) is not supported by this version yet; \
-                 remove the key to run standalone"
+                "key \"redis_url\": rediss:// (TLS) is not supported by this build; reach Redis \
+                 over a private network or a local TLS tunnel (stunnel) with redis://"
                     .into(),
             ));
+        }
+        if !redis_url.is_empty() && !redis_url.starts_with("redis://") {
+            return Err(ConfigError(format!(
+                "key \"redis_url\": expected redis://[user:pass@]host:port/db, got {redis_url:?}"
+            )));
         }
         let ping_interval = src.positive_duration("ping_interval", Duration::from_secs(30))?;
         let idle_timeout = src.positive_duration("idle_timeout", Duration::from_secs(60))?;
@@ -356,6 +378,8 @@ impl Config {
             shutdown_drain: src.duration("shutdown_drain", Duration::from_secs(2))?,
             subscriber_queue: src.integer("subscriber_queue", 256, 1, 1 << 20)? as usize,
             max_payload_bytes: src.integer("max_payload_bytes", 1 << 20, 1, 64 << 20)? as usize,
+            redis_url: (!redis_url.is_empty()).then_some(redis_url),
+            registry_cache_ttl: src.duration("registry_cache_ttl", Duration::from_secs(2))?,
             allowed_origins: src.list("allowed_origins")?,
             sse_keepalive: src.positive_duration("sse_keepalive", Duration::from_secs(15))?,
             sse_retry: src.positive_duration("sse_retry", Duration::from_secs(2))?,
@@ -404,6 +428,11 @@ impl Config {
             ("shutdown_drain", d(self.shutdown_drain)),
             ("subscriber_queue", self.subscriber_queue.to_string()),
             ("max_payload_bytes", self.max_payload_bytes.to_string()),
+            (
+                "redis_url",
+                s(&redact_url(self.redis_url.as_deref().unwrap_or(""))),
+            ),
+            ("registry_cache_ttl", d(self.registry_cache_ttl)),
             ("allowed_origins", format!("[{}]", origins.join(", "))),
             ("sse_keepalive", d(self.sse_keepalive)),
             ("sse_retry", d(self.sse_retry)),
@@ -481,7 +510,7 @@ mod tests {
                 "ws_port",
             ),
             (
-                &format!("worker_secret = \"{SECRET}\"\nredis_url = \"redis://x\""),
+                &format!("worker_secret = \"{SECRET}\"\nredis_url = \"rediss://x\""),
                 "redis_url",
             ),
         ];

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -89,14 +89,15 @@ pub struct Subscribed {
 #[derive(Default)]
 struct Coalesce {
     window_end: Option<Instant>,
-    /// The newest payload published inside the current window.
-    pending: Option<String>,
+    /// The newest payload published inside the current window (with its seq when assigned
+    /// elsewhere).
+    pending: Option<(String, Option<u64>)>,
     flush_scheduled: bool,
 }
 
 struct TopicState {
     /// Present while the topic has subscribers.
-    sender: Option<broadcast::Sender<Frame>>,
+    sender: Option<broadcast::Sender<Delivery>>,
     history: VecDeque<Frame>,
     /// The seq of the last event of this topic that is no longer in history (or the global
     /// seq when this state was created): ids below it cannot be resumed from.
@@ -112,9 +113,15 @@ struct Topic {
     state: Mutex<TopicState>,
 }
 
+/// Ids in cluster mode: the cluster-wide sequence from Redis times this, so that events from
+/// nodes that assign no id (the Go worker) can be numbered locally in between (`S.k`).
+pub const CLUSTER_SCALE: u64 = 1 << 16;
+
 pub struct Hub {
     metrics: Arc<Metrics>,
-    epoch: String,
+    epoch: RwLock<Arc<str>>,
+    /// 1 standalone; `CLUSTER_SCALE` in cluster mode.
+    scale: u64,
     next_seq: AtomicU64,
     capacity: usize,
     limits: HistoryLimits,
@@ -134,10 +141,16 @@ pub struct Published {
 
 impl Hub {
     /// `capacity` is how many events a subscriber may fall behind before it must resync.
-    pub fn new(capacity: usize, limits: HistoryLimits, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        capacity: usize,
+        limits: HistoryLimits,
+        metrics: Arc<Metrics>,
+        scale: u64,
+    ) -> Arc<Self> {
         Arc::new(Hub {
             metrics,
-            epoch: new_epoch(),
+            epoch: RwLock::new(Arc::from(new_epoch())),
+            scale: scale.max(1),
             next_seq: AtomicU64::new(1),
             capacity: capacity.max(1),
             limits,
@@ -146,17 +159,76 @@ impl Hub {
         })
     }
 
-    pub fn format_id(&self, seq: u64) -> String {
-        format!("{}-{}", self.epoch, seq)
+    pub fn epoch(&self) -> Arc<str> {
+        self.epoch.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The seq of an id from this run, `None` for anything else.
+    pub fn format_id(&self, seq: u64) -> String {
+        let (major, minor) = (seq / self.scale, seq % self.scale);
+        if minor == 0 {
+            format!("{}-{major}", self.epoch())
+        } else {
+            format!("{}-{major}.{minor}", self.epoch())
+        }
+    }
+
+    /// The seq of an id of the current epoch, `None` for anything else.
     fn parse_id(&self, id: &str) -> Option<u64> {
         let (epoch, seq) = id.trim().rsplit_once('-')?;
-        if epoch != self.epoch {
+        if *epoch != *self.epoch() {
             return None;
         }
-        seq.parse().ok()
+        let (major, minor) = match seq.split_once('.') {
+            Some((major, minor)) if self.scale > 1 => {
+                (major.parse::<u64>().ok()?, minor.parse::<u64>().ok()?)
+            }
+            Some(_) => return None,
+            None => (seq.parse::<u64>().ok()?, 0),
+        };
+        if minor >= self.scale {
+            return None;
+        }
+        major.checked_mul(self.scale)?.checked_add(minor)
+    }
+
+    /// Starts a new epoch (cluster mode: Redis named a new one): every id handed out so far
+    /// becomes unresumable, history is dropped, and every subscriber is told to resync.
+    pub fn switch_epoch(&self, epoch: &str, seq: u64) {
+        *self.epoch.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(epoch);
+        self.next_seq.store(seq + 1, Ordering::Release);
+        let topics: Vec<Arc<Topic>> = lock(&self.topics).values().cloned().collect();
+        for topic in topics {
+            let mut state = lock(&topic.state);
+            while !state.history.is_empty() {
+                self.forget_oldest(&mut state);
+            }
+            state.floor = seq;
+        }
+        self.resync_all("cluster");
+    }
+
+    /// Tells the subscribers of one topic to resync.
+    pub fn resync_topic(&self, name: &str, cause: &str) {
+        let topic = lock(&self.topics).get(name).cloned();
+        if let Some(topic) = topic {
+            if let Some(sender) = &lock(&topic.state).sender {
+                let n = sender.send(Delivery::Resync).unwrap_or(0);
+                self.metrics.resyncs.add(cause, n as u64);
+            }
+        }
+    }
+
+    /// Tells every subscriber to resync (events may have been missed, e.g. while Redis was
+    /// unreachable).
+    pub fn resync_all(&self, cause: &str) {
+        let topics: Vec<Arc<Topic>> = lock(&self.topics).values().cloned().collect();
+        for topic in topics {
+            let state = lock(&topic.state);
+            if let Some(sender) = &state.sender {
+                let n = sender.send(Delivery::Resync).unwrap_or(0);
+                self.metrics.resyncs.add(cause, n as u64);
+            }
+        }
     }
 
     /// The last seq handed out so far.
@@ -164,20 +236,35 @@ impl Hub {
         self.next_seq.load(Ordering::Acquire) - 1
     }
 
-    /// Publishes `payload` (raw JSON text, forwarded byte for byte) to `topic`. With
-    /// `coalesce`, at most one event per window goes out: the first after a quiet period at
-    /// once, later ones as the newest of their window when it ends.
+    /// Publishes `payload` (raw JSON text, forwarded byte for byte) to `topic`, with an id
+    /// assigned here. With `coalesce`, at most one event per window goes out: the first after
+    /// a quiet period at once, later ones as the newest of their window when it ends.
     pub fn publish(
         self: &Arc<Self>,
         topic: &str,
         payload: &str,
         coalesce: Option<Duration>,
     ) -> Published {
+        self.accept(topic, payload, None, coalesce)
+    }
+
+    /// Like `publish`, with the seq already assigned (cluster mode: by Redis) when `seq` is
+    /// given.
+    pub fn accept(
+        self: &Arc<Self>,
+        topic: &str,
+        payload: &str,
+        seq: Option<u64>,
+        coalesce: Option<Duration>,
+    ) -> Published {
+        if let Some(seq) = seq {
+            self.next_seq.fetch_max(seq + 1, Ordering::AcqRel);
+        }
         let topic = match self.topic_for_publish(topic) {
             Some(t) => t,
             None => {
                 // Nobody listens and no history is kept: the event only takes an id.
-                let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
+                let seq = seq.unwrap_or_else(|| self.next_seq.fetch_add(1, Ordering::AcqRel));
                 return Published {
                     id: Some(self.format_id(seq)),
                     receivers: 0,
@@ -188,7 +275,7 @@ impl Hub {
         if let Some(window) = coalesce.filter(|w| !w.is_zero()) {
             let now = Instant::now();
             if state.coalesce.window_end.is_some_and(|end| now < end) {
-                state.coalesce.pending = Some(payload.to_string());
+                state.coalesce.pending = Some((payload.to_string(), seq));
                 if !state.coalesce.flush_scheduled {
                     state.coalesce.flush_scheduled = true;
                     let at = state.coalesce.window_end.unwrap_or(now);
@@ -201,7 +288,7 @@ impl Hub {
             }
             state.coalesce.window_end = Some(now + window);
         }
-        let (seq, receivers) = self.deliver(&topic, &mut state, payload);
+        let (seq, receivers) = self.deliver(&topic, &mut state, payload, seq);
         Published {
             id: Some(self.format_id(seq)),
             receivers,
@@ -240,8 +327,14 @@ impl Hub {
 
     /// Assigns the id, keeps the event in history and hands it to subscribers, all under the
     /// topic lock.
-    fn deliver(&self, topic: &Topic, state: &mut TopicState, payload: &str) -> (u64, usize) {
-        let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
+    fn deliver(
+        &self,
+        topic: &Topic,
+        state: &mut TopicState,
+        payload: &str,
+        seq: Option<u64>,
+    ) -> (u64, usize) {
+        let seq = seq.unwrap_or_else(|| self.next_seq.fetch_add(1, Ordering::AcqRel));
         let frame = Arc::new(build_frame(
             &topic.topic_json,
             &self.format_id(seq),
@@ -250,7 +343,7 @@ impl Hub {
         ));
         self.remember(state, &frame);
         let receivers = match &state.sender {
-            Some(sender) => sender.send(frame).unwrap_or(0),
+            Some(sender) => sender.send(Delivery::Event(frame)).unwrap_or(0),
             None => 0,
         };
         self.metrics
@@ -401,9 +494,9 @@ async fn flush_coalesced(hub: Arc<Hub>, topic: Arc<Topic>, at: Instant, window: 
     tokio::time::sleep_until(at.into()).await;
     let mut state = lock(&topic.state);
     state.coalesce.flush_scheduled = false;
-    if let Some(payload) = state.coalesce.pending.take() {
+    if let Some((payload, seq)) = state.coalesce.pending.take() {
         state.coalesce.window_end = Some(Instant::now() + window);
-        hub.deliver(&topic, &mut state, &payload);
+        hub.deliver(&topic, &mut state, &payload, seq);
     }
 }
 
@@ -411,7 +504,7 @@ async fn flush_coalesced(hub: Arc<Hub>, topic: Arc<Topic>, at: Instant, window: 
 pub struct Subscription {
     hub: Arc<Hub>,
     topic: Arc<Topic>,
-    stream: Option<BroadcastStream<Frame>>,
+    stream: Option<BroadcastStream<Delivery>>,
 }
 
 impl fmt::Debug for Subscription {
@@ -436,7 +529,7 @@ impl Stream for Subscription {
             return Poll::Ready(None);
         };
         match Pin::new(stream).poll_next(cx) {
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Delivery::Event(frame))),
+            Poll::Ready(Some(Ok(delivery))) => Poll::Ready(Some(delivery)),
             Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(_)))) => {
                 Poll::Ready(Some(Delivery::Resync))
             }
@@ -510,7 +603,7 @@ mod tests {
     use super::*;
 
     fn hub(capacity: usize, limits: HistoryLimits) -> Arc<Hub> {
-        Hub::new(capacity, limits, Arc::new(Metrics::default()))
+        Hub::new(capacity, limits, Arc::new(Metrics::default()), 1)
     }
 
     fn limits(size: usize) -> HistoryLimits {

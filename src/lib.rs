@@ -4,6 +4,7 @@
 //! calls `run`, so tests start exactly the same server in-process on port 0.
 
 pub mod access;
+pub mod cluster;
 pub mod config;
 pub mod duration;
 pub mod hub;
@@ -24,11 +25,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use cluster::Cluster;
 pub use config::Config;
-use hub::{HistoryLimits, Hub};
+use hub::{HistoryLimits, Hub, Published, CLUSTER_SCALE};
 use metrics::Metrics;
 use presence::Presence;
 use registry::Registry;
+use registry::{RegistryFull, TopicMeta};
 use server::{Shutdown, Tracker};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -39,6 +42,8 @@ pub struct AppState {
     pub registry: Registry,
     pub hub: Arc<Hub>,
     pub presence: Arc<Presence>,
+    /// Present in cluster mode (`redis_url` set).
+    pub cluster: Option<Arc<Cluster>>,
     pub metrics: Arc<Metrics>,
     pub limits: limits::ConnectionLimits,
     pub started: Instant,
@@ -51,6 +56,59 @@ pub struct AppState {
 impl AppState {
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A registered topic's meta: the local registry standalone, Redis (cached) in a cluster.
+    pub async fn lookup_topic(&self, topic: &str) -> Option<TopicMeta> {
+        match &self.cluster {
+            Some(cluster) => cluster.lookup(topic).await,
+            None => self.registry.lookup(topic),
+        }
+    }
+
+    pub async fn register_topic(&self, topic: &str, meta: TopicMeta) -> Result<(), RegistryFull> {
+        match &self.cluster {
+            Some(cluster) => {
+                cluster.register(topic, meta).await;
+                Ok(())
+            }
+            None => self.registry.register(topic, meta),
+        }
+    }
+
+    pub async fn unregister_topic(&self, topic: &str) {
+        match &self.cluster {
+            Some(cluster) => cluster.unregister(topic).await,
+            None => self.registry.unregister(topic),
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: &str, meta: TopicMeta) -> Published {
+        match &self.cluster {
+            Some(cluster) => cluster.publish(topic, payload, meta.coalesce()).await,
+            None => self.hub.publish(topic, payload, meta.coalesce()),
+        }
+    }
+
+    /// Registered topics (cluster-wide in cluster mode), sorted.
+    pub async fn topic_names(&self) -> Vec<String> {
+        match &self.cluster {
+            Some(cluster) => cluster.topic_names().await,
+            None => self.registry.names(),
+        }
+    }
+
+    /// Nodes on the events channel; -1 standalone.
+    pub async fn cluster_nodes(&self) -> i64 {
+        match &self.cluster {
+            Some(cluster) => cluster.node_count().await,
+            None => -1,
+        }
+    }
+
+    /// Serving and, in cluster mode, connected to Redis.
+    pub fn is_ready(&self) -> bool {
+        !self.shutdown.is_down() && self.cluster.as_ref().is_none_or(|c| c.is_up())
     }
 }
 
@@ -110,6 +168,34 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
 
     let (trigger, shutdown) = Shutdown::new();
     let metrics = Arc::new(Metrics::default());
+    let scale = if config.redis_url.is_some() {
+        CLUSTER_SCALE
+    } else {
+        1
+    };
+    let hub = Hub::new(
+        config.subscriber_queue,
+        HistoryLimits {
+            size: config.history_size,
+            ttl: config.history_ttl,
+            max_bytes: config.max_history_bytes,
+        },
+        metrics.clone(),
+        scale,
+    );
+    let cluster = match &config.redis_url {
+        Some(url) => Some(
+            Cluster::new(
+                url,
+                hub.clone(),
+                metrics.clone(),
+                config.topic_ttl,
+                config.registry_cache_ttl,
+            )
+            .map_err(|e| StartError(format!("config error: key \"redis_url\": {e}")))?,
+        ),
+        None => None,
+    };
     let state = Arc::new(AppState {
         metrics: metrics.clone(),
         limits: limits::ConnectionLimits::new(
@@ -117,16 +203,9 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
             config.max_connections_per_ip,
         ),
         registry: Registry::new(config.topic_ttl, config.max_topics),
-        hub: Hub::new(
-            config.subscriber_queue,
-            HistoryLimits {
-                size: config.history_size,
-                ttl: config.history_ttl,
-                max_bytes: config.max_history_bytes,
-            },
-            metrics,
-        ),
+        hub,
         presence: Presence::new(),
+        cluster: cluster.clone(),
         started: Instant::now(),
         shutdown: shutdown.clone(),
         sockets: Arc::new(Tracker::default()),
@@ -134,7 +213,7 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
         config,
     });
 
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(server::serve(
             public,
             routes::public(state.clone()),
@@ -147,6 +226,9 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
         )),
         tokio::spawn(sweep(state.clone())),
     ];
+    if let Some(cluster) = cluster {
+        tasks.push(tokio::spawn(cluster.run(shutdown.clone())));
+    }
     tracing::info!(
         version = VERSION,
         public = %public_addr,

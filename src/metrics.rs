@@ -128,8 +128,10 @@ pub struct Metrics {
     pub auth_failures: CounterVec<9>,
     pub publishes: CounterVec<5>,
     pub deliveries: AtomicU64,
-    pub resyncs: CounterVec<2>,
+    pub resyncs: CounterVec<3>,
     pub lagged_events: AtomicU64,
+    /// Publishes that reached local subscribers only (Redis away).
+    pub cluster_publish_failures: AtomicU64,
     pub limit_refusals: CounterVec<4>,
     pub publish_to_send: Histogram,
 }
@@ -160,8 +162,9 @@ impl Default for Metrics {
                 ["ok", "bad_request", "not_found", "too_large", "coalesced"],
             ),
             deliveries: AtomicU64::new(0),
-            resyncs: CounterVec::new("cause", ["lagged", "resume"]),
+            resyncs: CounterVec::new("cause", ["lagged", "resume", "cluster"]),
             lagged_events: AtomicU64::new(0),
+            cluster_publish_failures: AtomicU64::new(0),
             limit_refusals: CounterVec::new(
                 "limit",
                 [
@@ -199,169 +202,158 @@ impl Metrics {
         }
     }
 
-    /// The whole exposition, with the gauges read from `state` now.
-    pub fn render(&self, state: &AppState) -> String {
+    /// The whole exposition, with the gauges read from `state` now. `registered_topics` comes
+    /// from the caller because in cluster mode counting it asks Redis.
+    pub fn render(&self, state: &AppState, registered_topics: usize) -> String {
         let mut out = String::with_capacity(8192);
+        let o = &mut out;
         let (clients, _) = state.presence.counts();
-        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        header(
-            &mut out,
-            "wavelog_worker_build_info",
-            "gauge",
-            "Build information.",
-        );
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+
+        family(o, "build_info", "gauge", "Build information.");
         let _ = writeln!(
-            out,
+            o,
             "wavelog_worker_build_info{{version=\"{}\"}} 1",
             crate::VERSION
         );
-        header(
-            &mut out,
-            "wavelog_worker_uptime_seconds",
+        sample(
+            o,
+            "uptime_seconds",
             "gauge",
             "Seconds since start.",
+            state.started.elapsed().as_secs(),
         );
-        let _ = writeln!(
-            out,
-            "wavelog_worker_uptime_seconds {}",
-            state.started.elapsed().as_secs()
-        );
-        header(
-            &mut out,
-            "wavelog_worker_connections",
-            "gauge",
-            "Open connections by transport.",
-        );
+        family(o, "connections", "gauge", "Open connections by transport.");
         for t in [Transport::WebSocket, Transport::Sse] {
+            let n = self.gauge(t).load(Ordering::Relaxed);
             let _ = writeln!(
-                out,
-                "wavelog_worker_connections{{transport=\"{}\"}} {}",
-                t.label(),
-                self.gauge(t).load(Ordering::Relaxed)
+                o,
+                "wavelog_worker_connections{{transport=\"{}\"}} {n}",
+                t.label()
             );
         }
-        header(
-            &mut out,
-            "wavelog_worker_connected_clients",
+        sample(
+            o,
+            "connected_clients",
             "gauge",
             "Distinct authenticated users plus anonymous connections.",
+            clients,
         );
-        let _ = writeln!(out, "wavelog_worker_connected_clients {clients}");
-        header(
-            &mut out,
-            "wavelog_worker_connections_opened_total",
-            "counter",
+        labelled(
+            o,
+            "connections_opened_total",
             "Connections opened, by transport.",
+            &self.connections_opened,
         );
-        self.connections_opened
-            .render(&mut out, "wavelog_worker_connections_opened_total");
-        header(
-            &mut out,
-            "wavelog_worker_connections_closed_total",
-            "counter",
+        labelled(
+            o,
+            "connections_closed_total",
             "Connections closed, by transport.",
+            &self.connections_closed,
         );
-        self.connections_closed
-            .render(&mut out, "wavelog_worker_connections_closed_total");
-        header(
-            &mut out,
-            "wavelog_worker_auth_failures_total",
-            "counter",
+        labelled(
+            o,
+            "auth_failures_total",
             "Refused connections and subscriptions, by reason.",
+            &self.auth_failures,
         );
-        self.auth_failures
-            .render(&mut out, "wavelog_worker_auth_failures_total");
-        header(
-            &mut out,
-            "wavelog_worker_publishes_total",
-            "counter",
+        labelled(
+            o,
+            "publishes_total",
             "Internal publish requests, by result.",
+            &self.publishes,
         );
-        self.publishes
-            .render(&mut out, "wavelog_worker_publishes_total");
-        header(
-            &mut out,
-            "wavelog_worker_deliveries_total",
+        sample(
+            o,
+            "deliveries_total",
             "counter",
             "Events handed to subscribers.",
+            load(&self.deliveries),
         );
-        let _ = writeln!(
-            out,
-            "wavelog_worker_deliveries_total {}",
-            self.deliveries.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "wavelog_worker_resyncs_total",
-            "counter",
+        labelled(
+            o,
+            "resyncs_total",
             "resync frames sent, by cause.",
+            &self.resyncs,
         );
-        self.resyncs
-            .render(&mut out, "wavelog_worker_resyncs_total");
-        header(
-            &mut out,
-            "wavelog_worker_lagged_events_total",
+        sample(
+            o,
+            "lagged_events_total",
             "counter",
             "Events skipped for subscribers that fell behind (each told to resync).",
+            load(&self.lagged_events),
         );
-        let _ = writeln!(
-            out,
-            "wavelog_worker_lagged_events_total {}",
-            self.lagged_events.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "wavelog_worker_limit_refusals_total",
-            "counter",
+        labelled(
+            o,
+            "limit_refusals_total",
             "Requests refused by a configured limit.",
+            &self.limit_refusals,
         );
-        self.limit_refusals
-            .render(&mut out, "wavelog_worker_limit_refusals_total");
-        header(
-            &mut out,
-            "wavelog_worker_registered_topics",
+        sample(
+            o,
+            "registered_topics",
             "gauge",
             "Registered topics.",
+            registered_topics,
         );
-        let _ = writeln!(
-            out,
-            "wavelog_worker_registered_topics {}",
-            state.registry.count()
-        );
-        header(
-            &mut out,
-            "wavelog_worker_active_topics",
+        sample(
+            o,
+            "active_topics",
             "gauge",
             "Topics with at least one subscriber.",
+            state.hub.active_topics().len(),
         );
-        let _ = writeln!(
-            out,
-            "wavelog_worker_active_topics {}",
-            state.hub.active_topics().len()
-        );
-        header(
-            &mut out,
-            "wavelog_worker_history_bytes",
+        sample(
+            o,
+            "history_bytes",
             "gauge",
             "Memory held by event history.",
+            state.hub.history_bytes(),
         );
-        let _ = writeln!(
-            out,
-            "wavelog_worker_history_bytes {}",
-            state.hub.history_bytes()
-        );
-        header(
-            &mut out,
-            "wavelog_worker_publish_to_send_seconds",
+        if let Some(cluster) = &state.cluster {
+            sample(
+                o,
+                "redis_connected",
+                "gauge",
+                "1 while the link to Redis is up (cluster mode).",
+                u8::from(cluster.is_up()),
+            );
+            sample(
+                o,
+                "redis_reconnects_total",
+                "counter",
+                "Times the link to Redis was lost and retried.",
+                cluster.reconnects(),
+            );
+            sample(o, "cluster_publish_failures_total", "counter", "Publishes that reached local subscribers only because Redis was away (other nodes' subscribers get resync).", load(&self.cluster_publish_failures));
+        }
+        family(
+            o,
+            "publish_to_send_seconds",
             "histogram",
             "Time from publish to the frame being written to a subscriber's socket.",
         );
         self.publish_to_send
-            .render(&mut out, "wavelog_worker_publish_to_send_seconds");
+            .render(o, "wavelog_worker_publish_to_send_seconds");
         out
     }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(
+        out,
+        "# HELP wavelog_worker_{name} {help}\n# TYPE wavelog_worker_{name} {kind}"
+    );
+}
+
+fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "wavelog_worker_{name} {value}");
+}
+
+fn labelled<const N: usize>(out: &mut String, name: &str, help: &str, counters: &CounterVec<N>) {
+    family(out, name, "counter", help);
+    counters.render(out, &format!("wavelog_worker_{name}"));
 }
 
 impl Drop for ConnectionGauge {

@@ -104,15 +104,15 @@ where
     match endpoint {
         Endpoint::Register => {
             let body = read_body(headers, body, state.config.max_payload_bytes).await?;
-            register(&body, state)
+            register(&body, state).await
         }
         Endpoint::Unregister => {
             let body = read_body(headers, body, state.config.max_payload_bytes).await?;
-            unregister(&body, state)
+            unregister(&body, state).await
         }
         Endpoint::Publish => {
             let result = match read_body(headers, body, state.config.max_payload_bytes).await {
-                Ok(body) => publish(&body, state),
+                Ok(body) => publish(&body, state).await,
                 Err(e) => Err(e),
             };
             state.metrics.publishes.inc(match &result {
@@ -128,7 +128,7 @@ where
             let with_lists = query_pairs(query)?
                 .iter()
                 .any(|(k, v)| k == "topics" && matches!(v.as_str(), "1" | "true" | "yes"));
-            Ok(json(&Status::collect(state, with_lists)))
+            Ok(json(&Status::collect(state, with_lists).await))
         }
     }
 }
@@ -143,21 +143,23 @@ pub fn metrics_route(
         .and(warp::method())
         .and(warp::header::headers_cloned())
         .and(with_state(state))
-        .map(|method: Method, headers: HeaderMap, state: Arc<AppState>| {
-            let answer = || -> Result<Response, ApiError> {
+        .then(
+            |method: Method, headers: HeaderMap, state: Arc<AppState>| async move {
                 if method != Method::GET && method != Method::HEAD {
-                    return Err(ApiError::MethodNotAllowed("GET, HEAD"));
+                    return ApiError::MethodNotAllowed("GET, HEAD").into_response();
                 }
-                authorize(&headers, state.config.worker_secret.expose())?;
-                let mut res = Response::new(state.metrics.render(&state).into());
+                if let Err(e) = authorize(&headers, state.config.worker_secret.expose()) {
+                    return e.into_response();
+                }
+                let registered = state.topic_names().await.len();
+                let mut res = Response::new(state.metrics.render(&state, registered).into());
                 res.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
                 );
-                Ok(res)
-            };
-            answer().unwrap_or_else(ApiError::into_response)
-        })
+                res
+            },
+        )
 }
 
 /// `X-Worker-Secret: <secret>` or `Authorization: Bearer <secret>`, compared in constant time
@@ -245,7 +247,7 @@ struct MetaBody {
 /// Longest coalescing window accepted.
 const MAX_COALESCE_MS: u32 = 60_000;
 
-fn register(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
+async fn register(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
     let req: RegisterBody = serde_json::from_slice(body).map_err(bad_json)?;
     let topic = required_topic(req.topic)?;
     let meta = req.meta.unwrap_or_default();
@@ -258,7 +260,7 @@ fn register(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
         require_token: meta.require_token,
         coalesce_ms: meta.coalesce_ms,
     };
-    if state.registry.register(&topic, meta_value).is_err() {
+    if state.register_topic(&topic, meta_value).await.is_err() {
         state.metrics.limit_refusals.inc("max_topics");
         return Err(ApiError::Unavailable("too many topics (max_topics)"));
     }
@@ -272,10 +274,10 @@ struct TopicBody {
     topic: Option<String>,
 }
 
-fn unregister(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
+async fn unregister(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
     let req: TopicBody = serde_json::from_slice(body).map_err(bad_json)?;
     let topic = required_topic(req.topic)?;
-    state.registry.unregister(&topic);
+    state.unregister_topic(&topic).await;
     tracing::debug!(topic = ?topic, "topic unregistered");
     Ok(json(&serde_json::json!({ "status": "ok" })))
 }
@@ -294,17 +296,17 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 }
 
 /// Publishes; the flag says whether coalescing held the event back.
-fn publish(body: &[u8], state: &AppState) -> Result<(Response, bool), ApiError> {
+async fn publish(body: &[u8], state: &AppState) -> Result<(Response, bool), ApiError> {
     let req: PublishBody<'_> = serde_json::from_slice(body).map_err(bad_json)?;
     let topic = required_topic(req.topic)?;
     let payload = req
         .payload
         .ok_or_else(|| ApiError::BadRequest("missing payload".into()))?;
     let meta = state
-        .registry
-        .lookup(&topic)
+        .lookup_topic(&topic)
+        .await
         .ok_or(ApiError::NotFound("topic not registered"))?;
-    let published = state.hub.publish(&topic, payload.get(), meta.coalesce());
+    let published = state.publish(&topic, payload.get(), meta).await;
     let coalesced = published.id.is_none();
     let response = json(&serde_json::json!({
         "status": "ok",

@@ -128,7 +128,7 @@ fn health() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clo
 }
 
 /// `GET /readyz`: 200 while serving; 503 once shutdown has begun (so a load balancer stops
-/// sending new clients before the sockets close).
+/// sending new clients before the sockets close) and, in cluster mode, while Redis is away.
 fn ready(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
@@ -138,6 +138,9 @@ fn ready(
         .map(move |method: Method| match method {
             Method::GET | Method::HEAD if state.shutdown.is_down() => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+            }
+            Method::GET | Method::HEAD if !state.is_ready() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "redis unavailable")
             }
             Method::GET | Method::HEAD => text(StatusCode::OK, "ready"),
             _ => ApiError::MethodNotAllowed("GET, HEAD").into_response(),

@@ -43,20 +43,20 @@ pub fn route(
         .and(warp::header::headers_cloned())
         .and(warp::ext::get::<PeerAddr>())
         .and(with_state(state))
-        .map(
+        .then(
             |method: Method,
              query: String,
              headers: HeaderMap,
              peer: PeerAddr,
-             state: Arc<AppState>| {
+             state: Arc<AppState>| async move {
                 let origin = match origin_of(&state, &headers) {
                     Ok(origin) => origin,
                     Err(e) => return e.into_response(),
                 };
                 let mut res = match method {
-                    Method::GET => {
-                        open(&query, &headers, peer, state).unwrap_or_else(ApiError::into_response)
-                    }
+                    Method::GET => open(&query, &headers, peer, state)
+                        .await
+                        .unwrap_or_else(ApiError::into_response),
                     Method::OPTIONS => preflight(),
                     _ => ApiError::MethodNotAllowed("GET, OPTIONS").into_response(),
                 };
@@ -128,7 +128,7 @@ fn parse_request(query: &str, headers: &HeaderMap) -> Result<Request, ApiError> 
     })
 }
 
-fn open(
+async fn open(
     query: &str,
     headers: &HeaderMap,
     peer: PeerAddr,
@@ -143,7 +143,7 @@ fn open(
     }
     let mut user_id = 0;
     for (topic, token) in &req.topics {
-        match access::lookup_and_grant(&state, topic, token) {
+        match access::lookup_and_grant(&state, topic, token).await {
             Ok((_, grant)) => {
                 if user_id == 0 {
                     user_id = grant.user_id;

@@ -55,9 +55,10 @@ pub fn route(
         .and(warp::ext::get::<PeerAddr>())
         .and(warp::ext::optional::<OnUpgrade>())
         .and(with_state(state))
-        .map(
-            |method, query: String, headers, peer: PeerAddr, upgrade, state| {
+        .then(
+            |method, query: String, headers, peer: PeerAddr, upgrade, state| async move {
                 handshake(method, &query, &headers, peer, upgrade, state)
+                    .await
                     .unwrap_or_else(ApiError::into_response)
             },
         )
@@ -65,7 +66,7 @@ pub fn route(
 
 /// Checks the request before the upgrade: 405, 403 (origin), 400 (no topic), 404 (unknown
 /// topic), 426 (not an upgrade).
-fn handshake(
+async fn handshake(
     method: Method,
     query: &str,
     headers: &HeaderMap,
@@ -83,8 +84,8 @@ fn handshake(
         .map(|(_, v)| v)
         .ok_or_else(|| ApiError::BadRequest("missing topic".into()))?;
     let meta = state
-        .registry
-        .lookup(&topic)
+        .lookup_topic(&topic)
+        .await
         .ok_or(ApiError::NotFound("topic not registered"))?;
     let key = websocket_key(headers).ok_or(ApiError::UpgradeRequired)?;
     let upgrade = upgrade.ok_or(ApiError::UpgradeRequired)?;
@@ -467,7 +468,7 @@ impl Session {
             return Ok(());
         }
         self.last_status = Some(now);
-        let status = Status::collect(&self.state, false);
+        let status = Status::collect(&self.state, false).await;
         let frame = json!({ "type": "status", "payload": status }).to_string();
         self.send(Message::text(frame)).await
     }
@@ -481,7 +482,7 @@ impl Session {
             return Err(End::denied(Denied::Unauthorized(TokenError::WrongTopic)));
         };
         // A topic unregistered meanwhile is checked as token-protected.
-        let meta = self.state.registry.lookup(&topic).unwrap_or(TopicMeta {
+        let meta = self.state.lookup_topic(&topic).await.unwrap_or(TopicMeta {
             require_token: true,
             coalesce_ms: 0,
         });
@@ -528,7 +529,7 @@ impl Session {
                 .await;
         }
         let token = frame.token.unwrap_or_default();
-        let grant = match access::lookup_and_grant(&self.state, &topic, &token) {
+        let grant = match access::lookup_and_grant(&self.state, &topic, &token).await {
             Ok((_, grant)) => grant,
             Err(denied) => {
                 self.log_refusal(&topic, denied);

@@ -53,7 +53,7 @@ fn bad_config_exits_with_one_line_naming_the_key() {
         ("worker_secret = \"short\"".to_string(), "worker_secret"),
         (format!("{s}topic_ttl = \"forever\""), "topic_ttl"),
         (
-            format!("{s}redis_url = \"redis://127.0.0.1:6379\""),
+            format!("{s}redis_url = \"rediss://127.0.0.1:6379\""),
             "redis_url",
         ),
     ];

@@ -1,0 +1,557 @@
+//! Cluster mode: several workers behind one load balancer behave as one, through Redis.
+//!
+//! Wire-compatible with the Go worker: events travel on the pub/sub channel `wavelog:events` as
+//! `{"origin_id":..,"topic":..,"payload":..}` (we add `"id"`), topics live in
+//! `wavelog:topic:<topic>` with a TTL. A node delivers its own publishes locally at once and skips
+//! its own echo.
+//!
+//! Event ids are cluster-wide: one Lua script takes the next number of `wavelog:seq` and
+//! publishes the envelope atomically, so every node numbers an event alike and Redis's publish
+//! order is the id order. Every node receives every envelope and keeps every topic's history, so
+//! a client that moves to another node resumes there. Envelopes from Go nodes (no id) are
+//! numbered locally between cluster ids (`<seq>.<k>`).
+//!
+//! Redis faults never stop local delivery. A supervisor reconnects with backoff (one log line per
+//! state change); when the link comes back, every subscriber is told to resync, since
+//! cross-node events may have been missed meanwhile.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Script};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::hub::{lock, Hub, Published, CLUSTER_SCALE};
+use crate::metrics::Metrics;
+use crate::registry::{TopicMeta, STATUS_TOPIC};
+use crate::server::Shutdown;
+
+pub const EVENTS_CHANNEL: &str = "wavelog:events";
+/// Our own channel for registry invalidation and targeted resyncs (Go nodes ignore it).
+pub const CONTROL_CHANNEL: &str = "wavelog:control";
+const TOPIC_PREFIX: &str = "wavelog:topic:";
+const EPOCH_KEY: &str = "wavelog:epoch";
+const SEQ_KEY: &str = "wavelog:seq";
+
+/// Longest wait for one Redis command: the internal API must answer quickly even when Redis
+/// is gone without closing the connection.
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Numbers and publishes one event atomically. KEYS: epoch, seq. ARGV: candidate epoch,
+/// origin id (JSON), topic (JSON), payload (raw JSON). Returns {epoch, seq}.
+const PUBLISH_LUA: &str = r#"
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  redis.call('SET', KEYS[1], ARGV[1])
+  epoch = ARGV[1]
+end
+local seq = redis.call('INCR', KEYS[2])
+local envelope = '{"origin_id":' .. ARGV[2] .. ',"topic":' .. ARGV[3] .. ',"id":"' .. epoch .. '-' .. seq .. '","payload":' .. ARGV[4] .. '}'
+redis.call('PUBLISH', 'wavelog:events', envelope)
+return {epoch, seq}
+"#;
+
+/// A topic as this node last knew it.
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    /// `None`: known not to be registered.
+    meta: Option<TopicMeta>,
+    fetched: Instant,
+    /// Registered here while Redis was away: written to Redis when it is back.
+    pending_write: bool,
+}
+
+pub struct Cluster {
+    client: Client,
+    node_id: String,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    conn: RwLock<Option<MultiplexedConnection>>,
+    up: AtomicBool,
+    cache: Mutex<HashMap<String, Cached>>,
+    cache_ttl: Duration,
+    topic_ttl: Duration,
+    /// Topics whose events could not reach Redis: other nodes are told to resync them.
+    missed: Mutex<HashSet<String>>,
+    reconnects: AtomicU64,
+    script: Script,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default)]
+    origin_id: Option<String>,
+    topic: String,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Control {
+    #[serde(default)]
+    origin_id: String,
+    op: String,
+    #[serde(default)]
+    topics: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct StoredMeta {
+    #[serde(default)]
+    require_token: bool,
+    #[serde(default)]
+    coalesce_ms: u32,
+}
+
+impl Cluster {
+    /// Checks the URL; nothing connects until `run`.
+    pub fn new(
+        url: &str,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        topic_ttl: Duration,
+        cache_ttl: Duration,
+    ) -> Result<Arc<Cluster>, String> {
+        let client = Client::open(url).map_err(|e| format!("invalid redis_url: {e}"))?;
+        Ok(Arc::new(Cluster {
+            client,
+            node_id: random_hex(8),
+            hub,
+            metrics,
+            conn: RwLock::new(None),
+            up: AtomicBool::new(false),
+            cache: Mutex::new(HashMap::new()),
+            cache_ttl,
+            topic_ttl,
+            missed: Mutex::new(HashSet::new()),
+            reconnects: AtomicU64::new(0),
+            script: Script::new(PUBLISH_LUA),
+        }))
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    fn connection(&self) -> Option<MultiplexedConnection> {
+        if !self.is_up() {
+            return None;
+        }
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs one Redis command with a time limit; `None` when Redis is away or fails.
+    async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Option<T> {
+        let mut conn = self.connection()?;
+        match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                tracing::debug!("redis command failed: {e}");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Keeps the link to Redis up for the life of the worker.
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut backoff = BACKOFF_MIN;
+        let mut ever_connected = false;
+        let mut said_unavailable = false;
+        loop {
+            let attempt = tokio::select! {
+                _ = shutdown.wait() => return,
+                attempt = self.connect() => attempt,
+            };
+            match attempt {
+                Ok((conn, pubsub)) => {
+                    backoff = BACKOFF_MIN;
+                    said_unavailable = false;
+                    *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+                    self.up.store(true, Ordering::Release);
+                    tracing::info!(node = %self.node_id, "redis connected: cluster mode active");
+                    if ever_connected {
+                        // Cross-node events may have been missed while we were away.
+                        self.hub.resync_all("cluster");
+                    }
+                    ever_connected = true;
+                    self.adopt_epoch().await;
+                    self.write_pending_registrations().await;
+                    self.announce_missed().await;
+                    let stopped = self.pump(pubsub, &mut shutdown).await;
+                    self.up.store(false, Ordering::Release);
+                    *self.conn.write().unwrap_or_else(|e| e.into_inner()) = None;
+                    if stopped {
+                        return;
+                    }
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("redis connection lost: local delivery continues, reconnecting");
+                }
+                Err(e) => {
+                    if !said_unavailable {
+                        tracing::warn!(
+                            "redis unavailable ({e}): serving local traffic, retrying with backoff"
+                        );
+                        said_unavailable = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn connect(&self) -> Result<(MultiplexedConnection, redis::aio::PubSub), String> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(COMMAND_TIMEOUT));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let connect_pubsub = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(EVENTS_CHANNEL).await?;
+            pubsub.subscribe(CONTROL_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::time::timeout(Duration::from_secs(2), connect_pubsub)
+            .await
+            .map_err(|_| "timed out subscribing".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok((conn, pubsub))
+    }
+
+    /// Delivers what arrives on the channels until the link breaks (false) or shutdown (true).
+    async fn pump(&self, mut pubsub: redis::aio::PubSub, shutdown: &mut Shutdown) -> bool {
+        let mut messages = pubsub.on_message();
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return true,
+                msg = messages.next() => match msg {
+                    Some(msg) if msg.get_channel_name() == EVENTS_CHANNEL => self.on_event(msg.get_payload_bytes()),
+                    Some(msg) => self.on_control(msg.get_payload_bytes()),
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    fn on_event(&self, bytes: &[u8]) {
+        let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(bytes) else {
+            tracing::debug!("ignoring a malformed envelope on {EVENTS_CHANNEL}");
+            return;
+        };
+        if envelope.origin_id.as_deref() == Some(self.node_id.as_str()) {
+            return;
+        }
+        let seq = envelope.id.as_deref().and_then(|id| self.cluster_seq(id));
+        let coalesce = self.cached_meta(&envelope.topic).and_then(|m| m.coalesce());
+        self.hub
+            .accept(&envelope.topic, envelope.payload.get(), seq, coalesce);
+    }
+
+    fn on_control(&self, bytes: &[u8]) {
+        let Ok(control) = serde_json::from_slice::<Control>(bytes) else {
+            return;
+        };
+        if control.origin_id == self.node_id {
+            return;
+        }
+        match control.op.as_str() {
+            "invalidate" => {
+                let mut cache = lock(&self.cache);
+                for topic in &control.topics {
+                    cache.remove(topic);
+                }
+            }
+            "resync" => {
+                for topic in &control.topics {
+                    self.hub.resync_topic(topic, "cluster");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The hub seq of a cluster id `<epoch>-<n>`, switching to a new epoch if Redis named one
+    /// (Redis restarted without its data).
+    fn cluster_seq(&self, id: &str) -> Option<u64> {
+        let (epoch, n) = id.rsplit_once('-')?;
+        let n: u64 = n.parse().ok()?;
+        let seq = n.checked_mul(CLUSTER_SCALE)?;
+        if *self.hub.epoch() != *epoch {
+            tracing::info!(epoch, "cluster epoch changed: subscribers resync");
+            self.hub
+                .switch_epoch(epoch, seq.saturating_sub(CLUSTER_SCALE));
+        }
+        Some(seq)
+    }
+
+    /// Takes the cluster's epoch (creating it if Redis has none) and its current sequence.
+    async fn adopt_epoch(&self) {
+        let candidate = random_hex(4);
+        let _: Option<()> = self
+            .command(redis::cmd("SET").arg(EPOCH_KEY).arg(&candidate).arg("NX"))
+            .await;
+        let epoch: Option<String> = self.command(redis::cmd("GET").arg(EPOCH_KEY)).await;
+        let seq: Option<Option<u64>> = self.command(redis::cmd("GET").arg(SEQ_KEY)).await;
+        if let Some(epoch) = epoch {
+            if *self.hub.epoch() != *epoch {
+                let seq = seq.flatten().unwrap_or(0).saturating_mul(CLUSTER_SCALE);
+                self.hub.switch_epoch(&epoch, seq);
+            }
+        }
+    }
+
+    /// Publishes through Redis (cluster-wide id) and delivers locally at once. With Redis away
+    /// the event is still delivered locally; other nodes' subscribers are told to resync later.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: &str,
+        coalesce: Option<Duration>,
+    ) -> Published {
+        match self.publish_remote(topic, payload).await {
+            Some(seq) => self.hub.accept(topic, payload, Some(seq), coalesce),
+            None => {
+                self.metrics
+                    .cluster_publish_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                lock(&self.missed).insert(topic.to_string());
+                self.hub.publish(topic, payload, coalesce)
+            }
+        }
+    }
+
+    async fn publish_remote(&self, topic: &str, payload: &str) -> Option<u64> {
+        let mut conn = self.connection()?;
+        let origin = serde_json::to_string(&self.node_id).ok()?;
+        let topic_json = serde_json::to_string(topic).ok()?;
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(EPOCH_KEY)
+            .key(SEQ_KEY)
+            .arg(random_hex(4))
+            .arg(origin)
+            .arg(topic_json)
+            .arg(payload);
+        let invocation = invocation.invoke_async::<(String, u64)>(&mut conn);
+        let (epoch, n) = match tokio::time::timeout(COMMAND_TIMEOUT, invocation).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => {
+                tracing::debug!("redis publish failed: {e}");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        self.cluster_seq(&format!("{epoch}-{n}"))
+    }
+
+    /// Tells other nodes which topics lost events while our link was down.
+    async fn announce_missed(&self) {
+        let topics: Vec<String> = lock(&self.missed).drain().collect();
+        if !topics.is_empty() {
+            self.control("resync", &topics).await;
+        }
+    }
+
+    async fn control(&self, op: &str, topics: &[String]) {
+        let msg = serde_json::json!({ "origin_id": self.node_id, "op": op, "topics": topics });
+        let _: Option<i64> = self
+            .command(
+                redis::cmd("PUBLISH")
+                    .arg(CONTROL_CHANNEL)
+                    .arg(msg.to_string()),
+            )
+            .await;
+    }
+
+    fn cached_meta(&self, topic: &str) -> Option<TopicMeta> {
+        lock(&self.cache).get(topic).and_then(|c| c.meta)
+    }
+
+    /// The topic's meta: from the cache while fresh, else from Redis; with Redis away, the
+    /// last known answer (for up to `topic_ttl`).
+    pub async fn lookup(&self, topic: &str) -> Option<TopicMeta> {
+        if topic == STATUS_TOPIC {
+            return Some(TopicMeta {
+                require_token: true,
+                coalesce_ms: 0,
+            });
+        }
+        let cached = lock(&self.cache).get(topic).copied();
+        if let Some(c) = cached {
+            if c.fetched.elapsed() < self.cache_ttl || c.pending_write {
+                return c.meta;
+            }
+        }
+        let key = format!("{TOPIC_PREFIX}{topic}");
+        match self
+            .command::<Option<String>>(redis::cmd("GET").arg(&key))
+            .await
+        {
+            Some(stored) => {
+                let meta = stored.map(|json| {
+                    let m: StoredMeta = serde_json::from_str(&json).unwrap_or_default();
+                    TopicMeta {
+                        require_token: m.require_token,
+                        coalesce_ms: m.coalesce_ms,
+                    }
+                });
+                self.cache_put(topic, meta, false);
+                meta
+            }
+            None => cached
+                .filter(|c| c.fetched.elapsed() < self.topic_ttl)
+                .and_then(|c| c.meta),
+        }
+    }
+
+    fn cache_put(&self, topic: &str, meta: Option<TopicMeta>, pending_write: bool) {
+        let mut cache = lock(&self.cache);
+        if cache.len() > 100_000 {
+            let ttl = self.topic_ttl;
+            cache.retain(|_, c| c.pending_write || c.fetched.elapsed() < ttl);
+        }
+        cache.insert(
+            topic.to_string(),
+            Cached {
+                meta,
+                fetched: Instant::now(),
+                pending_write,
+            },
+        );
+    }
+
+    pub async fn register(&self, topic: &str, meta: TopicMeta) {
+        if topic == STATUS_TOPIC {
+            return;
+        }
+        let written = self.write_topic(topic, meta).await;
+        self.cache_put(topic, Some(meta), !written);
+        if written {
+            self.control("invalidate", &[topic.to_string()]).await;
+        }
+    }
+
+    async fn write_topic(&self, topic: &str, meta: TopicMeta) -> bool {
+        let value = serde_json::json!({
+            "require_token": meta.require_token,
+            "coalesce_ms": meta.coalesce_ms,
+        });
+        let ttl = self.topic_ttl.as_secs().max(1);
+        let cmd = redis::cmd("SET")
+            .arg(format!("{TOPIC_PREFIX}{topic}"))
+            .arg(value.to_string())
+            .arg("EX")
+            .arg(ttl)
+            .clone();
+        self.command::<()>(&cmd).await.is_some()
+    }
+
+    pub async fn unregister(&self, topic: &str) {
+        if topic == STATUS_TOPIC {
+            return;
+        }
+        let _: Option<i64> = self
+            .command(redis::cmd("DEL").arg(format!("{TOPIC_PREFIX}{topic}")))
+            .await;
+        self.cache_put(topic, None, false);
+        self.control("invalidate", &[topic.to_string()]).await;
+    }
+
+    /// Registrations made while Redis was away, written now that it is back.
+    async fn write_pending_registrations(&self) {
+        let pending: Vec<(String, TopicMeta)> = lock(&self.cache)
+            .iter()
+            .filter(|(_, c)| c.pending_write)
+            .filter_map(|(t, c)| c.meta.map(|m| (t.clone(), m)))
+            .collect();
+        for (topic, meta) in pending {
+            if self.write_topic(&topic, meta).await {
+                self.cache_put(&topic, Some(meta), false);
+            }
+        }
+    }
+
+    /// Registered topic names cluster-wide (SCAN, never KEYS); the cache when Redis is away.
+    pub async fn topic_names(&self) -> Vec<String> {
+        let mut names = vec![STATUS_TOPIC.to_string()];
+        let mut cursor = 0u64;
+        let mut complete = false;
+        for _ in 0..10_000 {
+            let cmd = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{TOPIC_PREFIX}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .clone();
+            let Some((next, keys)) = self.command::<(u64, Vec<String>)>(&cmd).await else {
+                break;
+            };
+            names.extend(
+                keys.iter()
+                    .filter_map(|k| k.strip_prefix(TOPIC_PREFIX))
+                    .map(str::to_string),
+            );
+            cursor = next;
+            if cursor == 0 {
+                complete = true;
+                break;
+            }
+        }
+        if !complete {
+            names.truncate(1);
+            let ttl = self.topic_ttl;
+            names.extend(
+                lock(&self.cache)
+                    .iter()
+                    .filter(|(_, c)| c.meta.is_some() && c.fetched.elapsed() < ttl)
+                    .map(|(t, _)| t.clone()),
+            );
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Workers subscribed to the events channel (Go and Rust alike); 0 with Redis away.
+    pub async fn node_count(&self) -> i64 {
+        self.command::<(String, i64)>(redis::cmd("PUBSUB").arg("NUMSUB").arg(EVENTS_CHANNEL))
+            .await
+            .map_or(0, |(_, n)| n)
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    if getrandom::getrandom(&mut buf).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (nanos >> ((i % 8) * 8)) as u8;
+        }
+    }
+    crate::token::hex_encode(&buf)
+}
