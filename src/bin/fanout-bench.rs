@@ -1,0 +1,995 @@
+//! fanout-bench: measures a running wavelog-worker the way a contest weekend loads it.
+//!
+//! It starts the worker (or several, in cluster mode), opens N subscribers (WebSocket or SSE)
+//! over K topics from several loopback addresses, publishes M events at rate R through the
+//! internal API (keep-alive HTTP, F requests in flight), and measures every delivery's latency
+//! from publish to receipt (a monotonic timestamp in the payload), plus loss, duplicates,
+//! reordering and resyncs. From /proc it reads the worker's CPU time and RSS around each phase
+//! and reports the figures that do not depend on how fast this tool is: server CPU per delivery,
+//! server CPU per accepted connection, RSS per connection; and its own CPU, so a reader sees when
+//! the tool is the limit.
+//!
+//! `fanout-bench run ...` measures one scenario; `fanout-bench report` turns result files into
+//! the table and chart of docs/benchmarks.md.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+use wavelog_worker::token::{self, Claims};
+
+#[derive(Parser)]
+#[command(name = "fanout-bench", about = "Fan-out benchmark for wavelog-worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure one scenario.
+    Run(RunArgs),
+    /// Build the markdown table and SVG chart from result files.
+    Report {
+        /// Result JSON files (from `run --json`).
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        markdown: PathBuf,
+        #[arg(long)]
+        svg: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Transport {
+    Ws,
+    Sse,
+}
+
+#[derive(Parser, Clone)]
+struct RunArgs {
+    /// Subscribers to open.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Topics the subscribers are spread over (round-robin).
+    #[arg(long, default_value_t = 1)]
+    topics: usize,
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    transport: Transport,
+    /// Events to publish.
+    #[arg(long, default_value_t = 100)]
+    events: usize,
+    /// Publish rate, events per second.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Publish requests in flight (keep-alive connections to the internal API).
+    #[arg(long, default_value_t = 4)]
+    in_flight: usize,
+    /// Padding added to each payload, bytes.
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// Handshakes in progress at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Loopback addresses to spread client sockets over (127.0.0.1, 127.0.0.2, ...).
+    #[arg(long, default_value_t = 4)]
+    bind_ips: u8,
+    /// Seconds of idleness measured after connecting.
+    #[arg(long, default_value_t = 2.0)]
+    idle_secs: f64,
+    /// Worker binary to start (default: `wavelog-worker` next to this binary).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+    /// Worker nodes to start; more than one means cluster mode (needs --redis-url).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Redis for cluster mode; subscribers are spread over the nodes, publishes go to node 1.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Extra `key = value` lines for the worker's config.
+    #[arg(long)]
+    worker_config: Vec<String>,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Scenario name in reports.
+    #[arg(long)]
+    label: Option<String>,
+    /// Exit non-zero unless every delivery arrived exactly once and in order.
+    #[arg(long)]
+    require_no_loss: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Run(args) => {
+            raise_fd_limit();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            let result = runtime.block_on(run(args.clone()));
+            match result {
+                Ok(report) => {
+                    print_summary(&report);
+                    if let Some(path) = &args.json {
+                        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+                        if let Err(e) = std::fs::write(path, text) {
+                            eprintln!("cannot write {}: {e}", path.display());
+                            std::process::exit(1);
+                        }
+                    }
+                    let clean = report["delivery"]["lost"] == 0
+                        && report["delivery"]["duplicates"] == 0
+                        && report["delivery"]["reordered"] == 0
+                        && report["delivery"]["resyncs"] == 0;
+                    if args.require_no_loss && !clean {
+                        eprintln!("FAILED: deliveries were lost, duplicated, reordered or resynced");
+                        std::process::exit(1);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("fanout-bench: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::Report {
+            inputs,
+            markdown,
+            svg,
+        } => {
+            if let Err(e) = report(&inputs, &markdown, &svg) {
+                eprintln!("fanout-bench report: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Raises this process's open-file soft limit to the hard limit (inherited by the workers we
+/// start). The hard limit here is 20,000 and cannot be raised.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// CPU time (all threads, ns) and RSS (KiB) of a process, from /proc.
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    cpu_ns: u64,
+    rss_kib: u64,
+}
+
+fn usage(pid: u32) -> Usage {
+    let mut cpu_ns = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) {
+                cpu_ns += text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    Usage { cpu_ns, rss_kib }
+}
+
+fn usages(pids: &[u32]) -> Usage {
+    pids.iter().map(|p| usage(*p)).fold(Usage::default(), |a, b| Usage {
+        cpu_ns: a.cpu_ns + b.cpu_ns,
+        rss_kib: a.rss_kib + b.rss_kib,
+    })
+}
+
+/// A worker process started for the run; killed on drop.
+struct Node {
+    child: Child,
+    public: SocketAddr,
+    internal: SocketAddr,
+    _config: TempConfig,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempConfig(PathBuf);
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn start_node(args: &RunArgs, secret: &str, index: usize) -> Result<Node, String> {
+    let bin = match &args.worker_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("wavelog-worker"),
+    };
+    let (public_port, internal_port) = (
+        free_port().map_err(|e| e.to_string())?,
+        free_port().map_err(|e| e.to_string())?,
+    );
+    let mut config = format!(
+        "worker_secret = \"{secret}\"\nws_bind = \"127.0.0.1\"\nws_port = {public_port}\n\
+         internal_port = {internal_port}\nmax_connections = 1000000\nmax_connections_per_ip = 1000000\n\
+         idle_timeout = \"10m\"\nping_interval = \"5m\"\n"
+    );
+    if let Some(url) = &args.redis_url {
+        config.push_str(&format!("redis_url = \"{url}\"\n"));
+    }
+    for line in &args.worker_config {
+        config.push_str(line);
+        config.push('\n');
+    }
+    let path = std::env::temp_dir().join(format!("fanout-bench-{}-{index}.toml", std::process::id()));
+    std::fs::write(&path, config).map_err(|e| e.to_string())?;
+    let child = Command::new(&bin)
+        .args(["--config", path.to_str().unwrap_or("")])
+        .env("RUST_LOG", "warn")
+        .env_remove("WORKER_SECRET")
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let node = Node {
+        child,
+        public: SocketAddr::from(([127, 0, 0, 1], public_port)),
+        internal: SocketAddr::from(([127, 0, 0, 1], internal_port)),
+        _config: TempConfig(path),
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = http_once(node.public, "GET", "/readyz", "", "").await;
+        if matches!(ready, Ok((200, _))) {
+            return Ok(node);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("worker {index} did not become ready: {ready:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (setup only, not the measured path).
+async fn http_once(addr: SocketAddr, method: &str, path: &str, secret: &str, body: &str) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nX-Worker-Secret: {secret}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status line")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Shared between subscribers and the run.
+struct Shared {
+    epoch: Instant,
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    /// Subscribers that have seen their topic's last event.
+    finished: AtomicUsize,
+    deliveries: AtomicU64,
+    /// Tells subscribers to hand in their figures and stop.
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+async fn run(args: RunArgs) -> Result<Value, String> {
+    if args.nodes > 1 && args.redis_url.is_none() {
+        return Err("--nodes > 1 needs --redis-url".into());
+    }
+    let secret = format!("bench-secret-{:016x}-{:016x}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let mut nodes = Vec::new();
+    for i in 0..args.nodes.max(1) {
+        nodes.push(start_node(&args, &secret, i).await?);
+    }
+    let pids: Vec<u32> = nodes.iter().map(|n| n.child.id()).collect();
+    let topics: Vec<String> = (0..args.topics.max(1)).map(|i| format!("bench.{i}")).collect();
+    for t in &topics {
+        let body = json!({"topic": t, "meta": {"require_token": true}}).to_string();
+        let (status, _) = http_once(nodes[0].internal, "POST", "/internal/register", &secret, &body).await?;
+        if status != 200 {
+            return Err(format!("register {t}: HTTP {status}"));
+        }
+    }
+    let publish_node = nodes[0].internal;
+    let publics: Vec<SocketAddr> = nodes.iter().map(|n| n.public).collect();
+    let self_pid = std::process::id();
+
+    // Expected per topic: events i with i % K == topic.
+    let k = topics.len();
+    let expected: Vec<u64> = (0..k).map(|t| ((args.events + k - 1 - t) / k) as u64).collect();
+    let last_seq: Vec<Option<u64>> = (0..k)
+        .map(|t| (0..args.events).rev().find(|i| i % k == t).map(|i| i as u64))
+        .collect();
+
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        stop,
+        epoch: Instant::now(),
+        connected: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        finished: AtomicUsize::new(0),
+        deliveries: AtomicU64::new(0),
+    });
+
+    // Phase 1: connect.
+    let before_connect = usages(&pids);
+    let tool_before = usage(self_pid);
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let mut handles = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let topic_index = i % k;
+        let topic = topics[topic_index].clone();
+        let token = token::sign(
+            secret.as_bytes(),
+            &Claims {
+                user_id: (i + 1) as i64,
+                topic: topic.clone(),
+                expires: unix_now() + 3600,
+            },
+        );
+        let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % args.bind_ips.max(1) as usize) as u8));
+        let server = publics[i % publics.len()];
+        let sub = Subscriber {
+            shared: shared.clone(),
+            gate: gate.clone(),
+            transport: args.transport,
+            server,
+            local,
+            topic,
+            token,
+            last_seq: last_seq[topic_index],
+            events: args.events,
+        };
+        handles.push(tokio::spawn(sub.run()));
+    }
+    while shared.connected.load(Ordering::Acquire) + shared.failed.load(Ordering::Acquire) < args.connections {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    let after_connect = usages(&pids);
+    let failed = shared.failed.load(Ordering::Acquire);
+    let connected = args.connections - failed;
+
+    // Phase 2: idle.
+    tokio::time::sleep(Duration::from_secs_f64(args.idle_secs)).await;
+    let after_idle = usages(&pids);
+
+    // Phase 3: publish and wait for every delivery.
+    let publish_start = Instant::now();
+    let sent = publish_all(&args, publish_node, &secret, &topics, shared.clone()).await?;
+    let want_finished = if args.events == 0 { 0 } else { connected };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shared.finished.load(Ordering::Acquire) < want_finished && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let publish_secs = publish_start.elapsed().as_secs_f64();
+    let after_publish = usages(&pids);
+    let tool_after = usage(self_pid);
+
+    // Collect: every subscriber hands in its figures.
+    let _ = stop_tx.send(true);
+    for h in handles {
+        let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+    }
+    drop(nodes);
+    let received = shared.deliveries.load(Ordering::Acquire);
+    let expected_deliveries: u64 = (0..connected).map(|i| expected[i % k]).sum();
+    let lost = expected_deliveries.saturating_sub(received);
+    let lat = percentiles(&mut LATENCIES.lock().unwrap_or_else(|e| e.into_inner()));
+    let dup = DUPLICATES.load(Ordering::Acquire);
+    let reorder = REORDERED.load(Ordering::Acquire);
+    let resyncs = RESYNCS.load(Ordering::Acquire);
+
+    let conn_cpu_us = (after_connect.cpu_ns.saturating_sub(before_connect.cpu_ns)) as f64 / 1e3;
+    let idle_cpu_ns = after_idle.cpu_ns.saturating_sub(after_connect.cpu_ns) as f64;
+    let publish_cpu_us = (after_publish.cpu_ns.saturating_sub(after_idle.cpu_ns)) as f64 / 1e3;
+    let tool_cpu_s = (tool_after.cpu_ns.saturating_sub(tool_before.cpu_ns)) as f64 / 1e9;
+    let label = args.label.clone().unwrap_or_else(|| {
+        format!(
+            "{} {}x{}t{}",
+            match args.transport {
+                Transport::Ws => "ws",
+                Transport::Sse => "sse",
+            },
+            args.connections,
+            k,
+            if args.nodes > 1 { format!(" {}n", args.nodes) } else { String::new() }
+        )
+    });
+    Ok(json!({
+        "label": label,
+        "scenario": {
+            "transport": format!("{:?}", args.transport).to_lowercase(),
+            "connections": args.connections,
+            "topics": k,
+            "events": args.events,
+            "rate": args.rate,
+            "in_flight": args.in_flight,
+            "payload_bytes": args.payload_bytes,
+            "nodes": args.nodes.max(1),
+            "cluster": args.redis_url.is_some(),
+        },
+        "connect": {
+            "connected": connected,
+            "failed": failed,
+            "seconds": connect_secs,
+            "per_second": connected as f64 / connect_secs.max(1e-9),
+            "server_cpu_us_per_connection": conn_cpu_us / connected.max(1) as f64,
+            "rss_kib_before": before_connect.rss_kib,
+            "rss_kib_after": after_connect.rss_kib,
+            "rss_kib_per_connection": (after_connect.rss_kib.saturating_sub(before_connect.rss_kib)) as f64 / connected.max(1) as f64,
+        },
+        "idle": {
+            "seconds": args.idle_secs,
+            "server_core_percent": idle_cpu_ns / (args.idle_secs * 1e9) * 100.0,
+        },
+        "publish": {
+            "sent": sent,
+            "seconds": publish_secs,
+            "server_cpu_us_per_delivery": publish_cpu_us / received.max(1) as f64,
+            "deliveries_per_second": received as f64 / publish_secs.max(1e-9),
+        },
+        "delivery": {
+            "expected": expected_deliveries,
+            "received": received,
+            "lost": lost,
+            "duplicates": dup,
+            "reordered": reorder,
+            "resyncs": resyncs,
+            "latency_us": lat,
+        },
+        "tool": {
+            "cpu_seconds": tool_cpu_s,
+            "wall_seconds": connect_secs + args.idle_secs + publish_secs,
+        },
+    }))
+}
+
+static LATENCIES: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+static DUPLICATES: AtomicU64 = AtomicU64::new(0);
+static REORDERED: AtomicU64 = AtomicU64::new(0);
+static RESYNCS: AtomicU64 = AtomicU64::new(0);
+
+fn percentiles(v: &mut [u32]) -> Value {
+    if v.is_empty() {
+        return json!({});
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    json!({
+        "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "p999": at(0.999), "max": v[v.len() - 1],
+    })
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Publishes `events` events at `rate` over `in_flight` keep-alive connections.
+async fn publish_all(
+    args: &RunArgs,
+    internal: SocketAddr,
+    secret: &str,
+    topics: &[String],
+    shared: Arc<Shared>,
+) -> Result<u64, String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let pad = "x".repeat(args.payload_bytes);
+    let mut tasks = Vec::new();
+    for _ in 0..args.in_flight.max(1) {
+        let (next, sent, shared) = (next.clone(), sent.clone(), shared.clone());
+        let (secret, pad, topics) = (secret.to_string(), pad.clone(), topics.to_vec());
+        let (events, rate) = (args.events, args.rate);
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(internal).await.map_err(|e| e.to_string())?;
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            let mut conn = BufReader::new(stream);
+            loop {
+                let i = next.fetch_add(1, Ordering::AcqRel);
+                if i >= events {
+                    return Ok::<_, String>(());
+                }
+                let due = start + Duration::from_secs_f64(i as f64 / rate.max(0.001));
+                tokio::time::sleep_until(due.into()).await;
+                let t = shared.epoch.elapsed().as_nanos() as u64;
+                let body = format!(
+                    "{{\"topic\":\"{}\",\"payload\":{{\"seq\":{i},\"t\":{t},\"pad\":\"{pad}\"}}}}",
+                    topics[i % topics.len()]
+                );
+                let req = format!(
+                    "POST /internal/publish HTTP/1.1\r\nHost: bench\r\nX-Worker-Secret: {secret}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.get_mut().write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+                let status = read_response(&mut conn).await?;
+                if status != 200 {
+                    return Err(format!("publish {i}: HTTP {status}"));
+                }
+                sent.fetch_add(1, Ordering::AcqRel);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(sent.load(Ordering::Acquire))
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body; returns the status.
+async fn read_response(conn: &mut BufReader<TcpStream>) -> Result<u16, String> {
+    let mut line = String::new();
+    conn.read_line(&mut line).await.map_err(|e| e.to_string())?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {line:?}"))?;
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        conn.read_line(&mut line).await.map_err(|e| e.to_string())?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+struct Subscriber {
+    shared: Arc<Shared>,
+    gate: Arc<Semaphore>,
+    transport: Transport,
+    server: SocketAddr,
+    local: IpAddr,
+    topic: String,
+    token: String,
+    last_seq: Option<u64>,
+    events: usize,
+}
+
+/// Per-subscriber bookkeeping of what arrived.
+struct Seen {
+    bits: Vec<u64>,
+    last: Option<u64>,
+    latencies: Vec<u32>,
+    received: u64,
+    duplicates: u64,
+    reordered: u64,
+    resyncs: u64,
+}
+
+impl Seen {
+    fn new(events: usize) -> Seen {
+        Seen {
+            bits: vec![0; events / 64 + 1],
+            last: None,
+            latencies: Vec::new(),
+            received: 0,
+            duplicates: 0,
+            reordered: 0,
+            resyncs: 0,
+        }
+    }
+
+    /// Records one frame's text; true once the topic's last event has arrived.
+    fn frame(&mut self, text: &str, shared: &Shared, last_seq: Option<u64>) -> bool {
+        if text.contains("\"type\":\"resync\"") {
+            self.resyncs += 1;
+            return false;
+        }
+        let (Some(seq), Some(t)) = (number_after(text, "\"seq\":"), number_after(text, "\"t\":")) else {
+            return false;
+        };
+        let now = shared.epoch.elapsed().as_nanos() as u64;
+        self.latencies.push((now.saturating_sub(t) / 1000).min(u32::MAX as u64) as u32);
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        if word < self.bits.len() && self.bits[word] & (1 << bit) != 0 {
+            self.duplicates += 1;
+        } else {
+            if word < self.bits.len() {
+                self.bits[word] |= 1 << bit;
+            }
+            self.received += 1;
+            shared.deliveries.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.last.is_some_and(|l| seq < l) {
+            self.reordered += 1;
+        }
+        self.last = Some(self.last.map_or(seq, |l| l.max(seq)));
+        Some(seq) == last_seq
+    }
+
+    fn publish(&mut self) {
+        LATENCIES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(&self.latencies);
+        self.latencies.clear();
+        DUPLICATES.fetch_add(self.duplicates, Ordering::AcqRel);
+        REORDERED.fetch_add(self.reordered, Ordering::AcqRel);
+        RESYNCS.fetch_add(self.resyncs, Ordering::AcqRel);
+        self.duplicates = 0;
+        self.reordered = 0;
+        self.resyncs = 0;
+    }
+}
+
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let start = text.find(key)? + key.len();
+    let digits: &str = &text[start..];
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+impl Subscriber {
+    async fn run(self) {
+        let Ok(permit) = self.gate.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match self.connect().await {
+            Ok(s) => s,
+            Err(e) => {
+                if self.shared.failed.fetch_add(1, Ordering::AcqRel) < 3 {
+                    eprintln!("subscriber failed: {e}");
+                }
+                return;
+            }
+        };
+        let mut seen = Seen::new(self.events);
+        let result = match self.transport {
+            Transport::Ws => self.ws(stream, permit, &mut seen).await,
+            Transport::Sse => self.sse(stream, permit, &mut seen).await,
+        };
+        if let Err(e) = result {
+            eprintln!("subscriber lost its connection: {e}");
+        }
+        seen.publish();
+    }
+
+    async fn connect(&self) -> Result<TcpStream, String> {
+        let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        socket.bind(SocketAddr::new(self.local, 0)).map_err(|e| e.to_string())?;
+        let stream = socket.connect(self.server).await.map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(stream)
+    }
+
+    fn done(&self, seen: &mut Seen) {
+        seen.publish();
+        self.shared.finished.fetch_add(1, Ordering::AcqRel);
+    }
+
+    async fn ws(&self, stream: TcpStream, permit: tokio::sync::OwnedSemaphorePermit, seen: &mut Seen) -> Result<(), String> {
+        let url = format!("ws://{}/ws?topic={}", self.server, self.topic);
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let auth = json!({"type": "auth", "token": self.token}).to_string();
+        ws.send(Message::text(auth)).await.map_err(|e| e.to_string())?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("auth_ok") => {}
+            other => return Err(format!("no auth_ok: {other:?}")),
+        }
+        drop(permit);
+        self.shared.connected.fetch_add(1, Ordering::AcqRel);
+        if self.last_seq.is_none() {
+            self.done(seen);
+        }
+        let mut stop = self.shared.stop.clone();
+        loop {
+            let msg = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                msg = ws.next() => msg,
+            };
+            let Some(msg) = msg else { break };
+            match msg.map_err(|e| e.to_string())? {
+                Message::Text(t) => {
+                    if seen.frame(&t, &self.shared, self.last_seq) {
+                        self.done(seen);
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn sse(&self, mut stream: TcpStream, permit: tokio::sync::OwnedSemaphorePermit, seen: &mut Seen) -> Result<(), String> {
+        let req = format!(
+            "GET /sse?topic={}&token={} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
+            self.topic, self.token
+        );
+        stream.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut decoder = ChunkedSse::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut head_done = false;
+        let mut connected = false;
+        let mut permit = Some(permit);
+        let mut stop = self.shared.stop.clone();
+        loop {
+            let n = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                n = stream.read(&mut buf) => n.map_err(|e| e.to_string())?,
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            let mut data = &buf[..n];
+            if !head_done {
+                decoder.head.extend_from_slice(data);
+                let Some(end) = decoder.head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                if !decoder.head.starts_with(b"HTTP/1.1 200") {
+                    return Err(format!("SSE refused: {}", String::from_utf8_lossy(&decoder.head[..end])));
+                }
+                let rest = decoder.head.split_off(end + 4);
+                decoder.raw.extend_from_slice(&rest);
+                head_done = true;
+                data = &[];
+            }
+            decoder.raw.extend_from_slice(data);
+            for block in decoder.blocks() {
+                if !connected {
+                    // The first block (retry + position) means we are subscribed.
+                    connected = true;
+                    drop(permit.take());
+                    self.shared.connected.fetch_add(1, Ordering::AcqRel);
+                    if self.last_seq.is_none() {
+                        self.done(seen);
+                    }
+                    continue;
+                }
+                if let Some(data) = block.strip_prefix("id: ").and_then(|b| b.split_once("\ndata: ")).map(|(_, d)| d) {
+                    if seen.frame(data, &self.shared, self.last_seq) {
+                        self.done(seen);
+                    }
+                } else if let Some(data) = block.strip_prefix("data: ") {
+                    seen.frame(data, &self.shared, self.last_seq);
+                }
+            }
+        }
+    }
+}
+
+/// Decodes a chunked SSE body into blocks (text up to a blank line).
+#[derive(Default)]
+struct ChunkedSse {
+    head: Vec<u8>,
+    raw: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl ChunkedSse {
+    fn blocks(&mut self) -> Vec<String> {
+        loop {
+            let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                break;
+            };
+            let size = std::str::from_utf8(&self.raw[..line_end])
+                .ok()
+                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+                .unwrap_or(0);
+            let need = line_end + 2 + size + 2;
+            if size == 0 || self.raw.len() < need {
+                break;
+            }
+            self.body.extend_from_slice(&self.raw[line_end + 2..line_end + 2 + size]);
+            self.raw.drain(..need);
+        }
+        let mut out = Vec::new();
+        while let Some(end) = self.body.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = self.body.drain(..end + 2).collect();
+            out.push(String::from_utf8_lossy(&block[..end]).to_string());
+        }
+        out
+    }
+}
+
+fn print_summary(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    println!("scenario          {}", r["label"].as_str().unwrap_or(""));
+    println!(
+        "connect           {} ok, {} failed, {:.0}/s, server {:.1} µs CPU/conn, {:.2} KiB RSS/conn",
+        r["connect"]["connected"],
+        r["connect"]["failed"],
+        f(&r["connect"]["per_second"]),
+        f(&r["connect"]["server_cpu_us_per_connection"]),
+        f(&r["connect"]["rss_kib_per_connection"]),
+    );
+    println!("idle              server {:.2}% of a core", f(&r["idle"]["server_core_percent"]));
+    println!(
+        "publish           {} events, {:.0} deliveries/s, server {:.2} µs CPU/delivery",
+        r["publish"]["sent"],
+        f(&r["publish"]["deliveries_per_second"]),
+        f(&r["publish"]["server_cpu_us_per_delivery"]),
+    );
+    let d = &r["delivery"];
+    println!(
+        "delivery          {}/{} received, lost {}, dup {}, reordered {}, resyncs {}",
+        d["received"], d["expected"], d["lost"], d["duplicates"], d["reordered"], d["resyncs"]
+    );
+    let l = &d["latency_us"];
+    println!(
+        "latency µs        p50 {} p90 {} p99 {} p999 {} max {}",
+        l["p50"], l["p90"], l["p99"], l["p999"], l["max"]
+    );
+    println!("tool              {:.2} s CPU", f(&r["tool"]["cpu_seconds"]));
+}
+
+/// Writes the markdown table and the SVG chart for docs/benchmarks.md.
+fn report(inputs: &[PathBuf], markdown: &Path, svg: &Path) -> Result<(), String> {
+    let mut results = Vec::new();
+    for path in inputs {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        results.push(v);
+    }
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let mut md = String::from(
+        "| scenario | conns | topics | CPU µs/delivery | CPU µs/conn | RSS KiB/conn | connects/s | idle % core | deliveries/s | p50 µs | p99 µs | p999 µs | max µs | lost | tool CPU s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &results {
+        let l = &r["delivery"]["latency_us"];
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {:.1} |\n",
+            r["label"].as_str().unwrap_or(""),
+            r["connect"]["connected"],
+            r["scenario"]["topics"],
+            f(&r["publish"]["server_cpu_us_per_delivery"]),
+            f(&r["connect"]["server_cpu_us_per_connection"]),
+            f(&r["connect"]["rss_kib_per_connection"]),
+            f(&r["connect"]["per_second"]),
+            f(&r["idle"]["server_core_percent"]),
+            f(&r["publish"]["deliveries_per_second"]),
+            l["p50"],
+            l["p99"],
+            l["p999"],
+            l["max"],
+            r["delivery"]["lost"],
+            f(&r["tool"]["cpu_seconds"]),
+        ));
+    }
+    std::fs::write(markdown, md).map_err(|e| e.to_string())?;
+    std::fs::write(svg, chart(&results)).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Two panels: latency percentiles (log scale) and server CPU per delivery, per scenario.
+fn chart(results: &[Value]) -> String {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let n = results.len().max(1);
+    let (w, row) = (980.0, 26.0);
+    let top = 60.0;
+    let h = top + row * n as f64 + 60.0;
+    let label_w = 170.0;
+    let panel_w = (w - label_w - 40.0) / 2.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{label_w}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">Publish-to-receive latency (µs, log scale): p50 / p99 / p999</text>\n\
+         <text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">Server CPU µs per delivery</text>\n",
+        label_w + panel_w + 30.0
+    );
+    let max_lat = results
+        .iter()
+        .map(|r| f(&r["delivery"]["latency_us"]["p999"]))
+        .fold(10.0, f64::max);
+    let log_max = max_lat.log10().ceil().max(1.0);
+    let x_lat = |v: f64| label_w + panel_w * (v.max(1.0).log10() / log_max);
+    let max_cpu = results
+        .iter()
+        .map(|r| f(&r["publish"]["server_cpu_us_per_delivery"]))
+        .fold(1.0, f64::max);
+    let cpu_left = label_w + panel_w + 30.0;
+    let x_cpu = |v: f64| cpu_left + panel_w * (v / max_cpu);
+    for d in 0..=(log_max as i32) {
+        let x = x_lat(10f64.powi(d));
+        s.push_str(&format!(
+            "<line x1=\"{x}\" y1=\"{}\" x2=\"{x}\" y2=\"{}\" stroke=\"#ddd\"/><text x=\"{x}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            top - 10.0,
+            top + row * n as f64,
+            top + row * n as f64 + 16.0,
+            10u64.pow(d as u32)
+        ));
+    }
+    for (i, r) in results.iter().enumerate() {
+        let y = top + row * i as f64;
+        let l = &r["delivery"]["latency_us"];
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n",
+            label_w - 8.0,
+            y + 15.0,
+            r["label"].as_str().unwrap_or("")
+        ));
+        for (key, color, hgt) in [("p999", "#f4a582", 18.0), ("p99", "#d6604d", 12.0), ("p50", "#4393c3", 6.0)] {
+            let x2 = x_lat(f(&l[key]));
+            s.push_str(&format!(
+                "<rect x=\"{label_w}\" y=\"{}\" width=\"{}\" height=\"{hgt}\" fill=\"{color}\"><title>{key} {} µs</title></rect>\n",
+                y + (20.0 - hgt) / 2.0,
+                (x2 - label_w).max(1.0),
+                l[key]
+            ));
+        }
+        let cpu = f(&r["publish"]["server_cpu_us_per_delivery"]);
+        s.push_str(&format!(
+            "<rect x=\"{cpu_left}\" y=\"{}\" width=\"{}\" height=\"14\" fill=\"#5aae61\"/><text x=\"{}\" y=\"{}\">{cpu:.2}</text>\n",
+            y + 3.0,
+            (x_cpu(cpu) - cpu_left).max(1.0),
+            x_cpu(cpu) + 4.0,
+            y + 15.0
+        ));
+    }
+    s.push_str(&format!(
+        "<text x=\"{label_w}\" y=\"{}\" fill=\"#555\">blue p50, red p99, light p999</text>\n</svg>\n",
+        h - 12.0
+    ));
+    s
+}
