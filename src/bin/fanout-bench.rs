@@ -135,7 +135,9 @@ fn main() {
                         && report["delivery"]["reordered"] == 0
                         && report["delivery"]["resyncs"] == 0;
                     if args.require_no_loss && !clean {
-                        eprintln!("FAILED: deliveries were lost, duplicated, reordered or resynced");
+                        eprintln!(
+                            "FAILED: deliveries were lost, duplicated, reordered or resynced"
+                        );
                         std::process::exit(1);
                     }
                 }
@@ -207,10 +209,12 @@ fn usage(pid: u32) -> Usage {
 }
 
 fn usages(pids: &[u32]) -> Usage {
-    pids.iter().map(|p| usage(*p)).fold(Usage::default(), |a, b| Usage {
-        cpu_ns: a.cpu_ns + b.cpu_ns,
-        rss_kib: a.rss_kib + b.rss_kib,
-    })
+    pids.iter()
+        .map(|p| usage(*p))
+        .fold(Usage::default(), |a, b| Usage {
+            cpu_ns: a.cpu_ns + b.cpu_ns,
+            rss_kib: a.rss_kib + b.rss_kib,
+        })
 }
 
 /// A worker process started for the run; killed on drop.
@@ -237,10 +241,25 @@ impl Drop for TempConfig {
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
+/// Starts one worker on free ports; retries with other ports if it could not bind (another
+/// process may take a port between our probe and the worker's bind).
 async fn start_node(args: &RunArgs, secret: &str, index: usize) -> Result<Node, String> {
+    let mut last_error = String::new();
+    for _ in 0..5 {
+        match try_start_node(args, secret, index).await {
+            Ok(node) => return Ok(node),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(last_error)
+}
+
+async fn try_start_node(args: &RunArgs, secret: &str, index: usize) -> Result<Node, String> {
     let bin = match &args.worker_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe()
@@ -263,7 +282,10 @@ async fn start_node(args: &RunArgs, secret: &str, index: usize) -> Result<Node, 
         config.push_str(line);
         config.push('\n');
     }
-    let path = std::env::temp_dir().join(format!("fanout-bench-{}-{index}.toml", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "fanout-bench-{}-{index}-{public_port}.toml",
+        std::process::id()
+    ));
     std::fs::write(&path, config).map_err(|e| e.to_string())?;
     let child = Command::new(&bin)
         .args(["--config", path.to_str().unwrap_or("")])
@@ -272,14 +294,17 @@ async fn start_node(args: &RunArgs, secret: &str, index: usize) -> Result<Node, 
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-    let node = Node {
+    let mut node = Node {
         child,
         public: SocketAddr::from(([127, 0, 0, 1], public_port)),
         internal: SocketAddr::from(([127, 0, 0, 1], internal_port)),
         _config: TempConfig(path),
     };
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
+        if let Ok(Some(status)) = node.child.try_wait() {
+            return Err(format!("worker {index} exited: {status}"));
+        }
         let ready = http_once(node.public, "GET", "/readyz", "", "").await;
         if matches!(ready, Ok((200, _))) {
             return Ok(node);
@@ -292,23 +317,38 @@ async fn start_node(args: &RunArgs, secret: &str, index: usize) -> Result<Node, 
 }
 
 /// One HTTP/1.1 request on a fresh connection (setup only, not the measured path).
-async fn http_once(addr: SocketAddr, method: &str, path: &str, secret: &str, body: &str) -> Result<(u16, String), String> {
+async fn http_once(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    secret: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nX-Worker-Secret: {secret}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+    stream
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&raw).to_string();
     let status = text
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or("no status line")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -328,16 +368,29 @@ async fn run(args: RunArgs) -> Result<Value, String> {
     if args.nodes > 1 && args.redis_url.is_none() {
         return Err("--nodes > 1 needs --redis-url".into());
     }
-    let secret = format!("bench-secret-{:016x}-{:016x}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let secret = format!(
+        "bench-secret-{:016x}-{:016x}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    );
     let mut nodes = Vec::new();
     for i in 0..args.nodes.max(1) {
         nodes.push(start_node(&args, &secret, i).await?);
     }
     let pids: Vec<u32> = nodes.iter().map(|n| n.child.id()).collect();
-    let topics: Vec<String> = (0..args.topics.max(1)).map(|i| format!("bench.{i}")).collect();
+    let topics: Vec<String> = (0..args.topics.max(1))
+        .map(|i| format!("bench.{i}"))
+        .collect();
     for t in &topics {
         let body = json!({"topic": t, "meta": {"require_token": true}}).to_string();
-        let (status, _) = http_once(nodes[0].internal, "POST", "/internal/register", &secret, &body).await?;
+        let (status, _) = http_once(
+            nodes[0].internal,
+            "POST",
+            "/internal/register",
+            &secret,
+            &body,
+        )
+        .await?;
         if status != 200 {
             return Err(format!("register {t}: HTTP {status}"));
         }
@@ -348,9 +401,16 @@ async fn run(args: RunArgs) -> Result<Value, String> {
 
     // Expected per topic: events i with i % K == topic.
     let k = topics.len();
-    let expected: Vec<u64> = (0..k).map(|t| ((args.events + k - 1 - t) / k) as u64).collect();
+    let expected: Vec<u64> = (0..k)
+        .map(|t| ((args.events + k - 1 - t) / k) as u64)
+        .collect();
     let last_seq: Vec<Option<u64>> = (0..k)
-        .map(|t| (0..args.events).rev().find(|i| i % k == t).map(|i| i as u64))
+        .map(|t| {
+            (0..args.events)
+                .rev()
+                .find(|i| i % k == t)
+                .map(|i| i as u64)
+        })
         .collect();
 
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -380,7 +440,12 @@ async fn run(args: RunArgs) -> Result<Value, String> {
                 expires: unix_now() + 3600,
             },
         );
-        let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % args.bind_ips.max(1) as usize) as u8));
+        let local = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (i % args.bind_ips.max(1) as usize) as u8,
+        ));
         let server = publics[i % publics.len()];
         let sub = Subscriber {
             shared: shared.clone(),
@@ -395,7 +460,9 @@ async fn run(args: RunArgs) -> Result<Value, String> {
         };
         handles.push(tokio::spawn(sub.run()));
     }
-    while shared.connected.load(Ordering::Acquire) + shared.failed.load(Ordering::Acquire) < args.connections {
+    while shared.connected.load(Ordering::Acquire) + shared.failed.load(Ordering::Acquire)
+        < args.connections
+    {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let connect_secs = started.elapsed().as_secs_f64();
@@ -446,7 +513,11 @@ async fn run(args: RunArgs) -> Result<Value, String> {
             },
             args.connections,
             k,
-            if args.nodes > 1 { format!(" {}n", args.nodes) } else { String::new() }
+            if args.nodes > 1 {
+                format!(" {}n", args.nodes)
+            } else {
+                String::new()
+            }
         )
     });
     Ok(json!({
@@ -596,7 +667,9 @@ async fn read_response(conn: &mut BufReader<TcpStream>) -> Result<u16, String> {
         }
     }
     let mut body = vec![0u8; length];
-    conn.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    conn.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(status)
 }
 
@@ -642,11 +715,13 @@ impl Seen {
             self.resyncs += 1;
             return false;
         }
-        let (Some(seq), Some(t)) = (number_after(text, "\"seq\":"), number_after(text, "\"t\":")) else {
+        let (Some(seq), Some(t)) = (number_after(text, "\"seq\":"), number_after(text, "\"t\":"))
+        else {
             return false;
         };
         let now = shared.epoch.elapsed().as_nanos() as u64;
-        self.latencies.push((now.saturating_sub(t) / 1000).min(u32::MAX as u64) as u32);
+        self.latencies
+            .push((now.saturating_sub(t) / 1000).min(u32::MAX as u64) as u32);
         let (word, bit) = ((seq / 64) as usize, seq % 64);
         if word < self.bits.len() && self.bits[word] & (1 << bit) != 0 {
             self.duplicates += 1;
@@ -682,7 +757,9 @@ impl Seen {
 fn number_after(text: &str, key: &str) -> Option<u64> {
     let start = text.find(key)? + key.len();
     let digits: &str = &text[start..];
-    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
     digits[..end].parse().ok()
 }
 
@@ -713,8 +790,13 @@ impl Subscriber {
 
     async fn connect(&self) -> Result<TcpStream, String> {
         let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
-        socket.bind(SocketAddr::new(self.local, 0)).map_err(|e| e.to_string())?;
-        let stream = socket.connect(self.server).await.map_err(|e| e.to_string())?;
+        socket
+            .bind(SocketAddr::new(self.local, 0))
+            .map_err(|e| e.to_string())?;
+        let stream = socket
+            .connect(self.server)
+            .await
+            .map_err(|e| e.to_string())?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         Ok(stream)
     }
@@ -724,13 +806,20 @@ impl Subscriber {
         self.shared.finished.fetch_add(1, Ordering::AcqRel);
     }
 
-    async fn ws(&self, stream: TcpStream, permit: tokio::sync::OwnedSemaphorePermit, seen: &mut Seen) -> Result<(), String> {
+    async fn ws(
+        &self,
+        stream: TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        seen: &mut Seen,
+    ) -> Result<(), String> {
         let url = format!("ws://{}/ws?topic={}", self.server, self.topic);
         let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
             .await
             .map_err(|e| e.to_string())?;
         let auth = json!({"type": "auth", "token": self.token}).to_string();
-        ws.send(Message::text(auth)).await.map_err(|e| e.to_string())?;
+        ws.send(Message::text(auth))
+            .await
+            .map_err(|e| e.to_string())?;
         match ws.next().await {
             Some(Ok(Message::Text(t))) if t.contains("auth_ok") => {}
             other => return Err(format!("no auth_ok: {other:?}")),
@@ -760,12 +849,20 @@ impl Subscriber {
         Ok(())
     }
 
-    async fn sse(&self, mut stream: TcpStream, permit: tokio::sync::OwnedSemaphorePermit, seen: &mut Seen) -> Result<(), String> {
+    async fn sse(
+        &self,
+        mut stream: TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        seen: &mut Seen,
+    ) -> Result<(), String> {
         let req = format!(
             "GET /sse?topic={}&token={} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
             self.topic, self.token
         );
-        stream.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let mut decoder = ChunkedSse::default();
         let mut buf = vec![0u8; 16 * 1024];
         let mut head_done = false;
@@ -787,7 +884,10 @@ impl Subscriber {
                     continue;
                 };
                 if !decoder.head.starts_with(b"HTTP/1.1 200") {
-                    return Err(format!("SSE refused: {}", String::from_utf8_lossy(&decoder.head[..end])));
+                    return Err(format!(
+                        "SSE refused: {}",
+                        String::from_utf8_lossy(&decoder.head[..end])
+                    ));
                 }
                 let rest = decoder.head.split_off(end + 4);
                 decoder.raw.extend_from_slice(&rest);
@@ -806,7 +906,11 @@ impl Subscriber {
                     }
                     continue;
                 }
-                if let Some(data) = block.strip_prefix("id: ").and_then(|b| b.split_once("\ndata: ")).map(|(_, d)| d) {
+                if let Some(data) = block
+                    .strip_prefix("id: ")
+                    .and_then(|b| b.split_once("\ndata: "))
+                    .map(|(_, d)| d)
+                {
                     if seen.frame(data, &self.shared, self.last_seq) {
                         self.done(seen);
                     }
@@ -840,7 +944,8 @@ impl ChunkedSse {
             if size == 0 || self.raw.len() < need {
                 break;
             }
-            self.body.extend_from_slice(&self.raw[line_end + 2..line_end + 2 + size]);
+            self.body
+                .extend_from_slice(&self.raw[line_end + 2..line_end + 2 + size]);
             self.raw.drain(..need);
         }
         let mut out = Vec::new();
@@ -863,7 +968,10 @@ fn print_summary(r: &Value) {
         f(&r["connect"]["server_cpu_us_per_connection"]),
         f(&r["connect"]["rss_kib_per_connection"]),
     );
-    println!("idle              server {:.2}% of a core", f(&r["idle"]["server_core_percent"]));
+    println!(
+        "idle              server {:.2}% of a core",
+        f(&r["idle"]["server_core_percent"])
+    );
     println!(
         "publish           {} events, {:.0} deliveries/s, server {:.2} µs CPU/delivery",
         r["publish"]["sent"],
@@ -880,7 +988,10 @@ fn print_summary(r: &Value) {
         "latency µs        p50 {} p90 {} p99 {} p999 {} max {}",
         l["p50"], l["p90"], l["p99"], l["p999"], l["max"]
     );
-    println!("tool              {:.2} s CPU", f(&r["tool"]["cpu_seconds"]));
+    println!(
+        "tool              {:.2} s CPU",
+        f(&r["tool"]["cpu_seconds"])
+    );
 }
 
 /// Writes the markdown table and the SVG chart for docs/benchmarks.md.
@@ -888,7 +999,8 @@ fn report(inputs: &[PathBuf], markdown: &Path, svg: &Path) -> Result<(), String>
     let mut results = Vec::new();
     for path in inputs {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         results.push(v);
     }
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
@@ -969,7 +1081,11 @@ fn chart(results: &[Value]) -> String {
             y + 15.0,
             r["label"].as_str().unwrap_or("")
         ));
-        for (key, color, hgt) in [("p999", "#f4a582", 18.0), ("p99", "#d6604d", 12.0), ("p50", "#4393c3", 6.0)] {
+        for (key, color, hgt) in [
+            ("p999", "#f4a582", 18.0),
+            ("p99", "#d6604d", 12.0),
+            ("p50", "#4393c3", 6.0),
+        ] {
             let x2 = x_lat(f(&l[key]));
             s.push_str(&format!(
                 "<rect x=\"{label_w}\" y=\"{}\" width=\"{}\" height=\"{hgt}\" fill=\"{color}\"><title>{key} {} µs</title></rect>\n",

@@ -145,7 +145,7 @@ fn websocket_key(headers: &HeaderMap) -> Option<String> {
 /// Small buffers: most sockets idle for hours and we hold thousands of them.
 fn socket_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(512)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(Some(MAX_INBOUND))
@@ -361,26 +361,34 @@ impl Session {
         let cfg = &self.state.config;
         let (ping_every, idle_after, drain) =
             (cfg.ping_interval, cfg.idle_timeout, cfg.shutdown_drain);
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-        let mut last_heard = Instant::now();
+        let mut clock = Deadlines {
+            next_ping: Instant::now() + ping_every,
+            last_heard: Instant::now(),
+            idle_after,
+            close_at: None,
+            expiry: self.expiry_deadline(),
+        };
+        // One timer for all deadlines, re-armed only when it fires or a deadline moves
+        // earlier: nothing is registered with the timer wheel per delivered event.
+        let timer = sleep_until(clock.earliest());
+        tokio::pin!(timer);
         let mut shutdown = self.state.shutdown.clone();
-        let mut close_at: Option<Instant> = None;
-        let far = Instant::now() + Duration::from_secs(86400 * 365);
+        let shutdown_started = shutdown.wait();
+        tokio::pin!(shutdown_started);
 
         loop {
-            let expiry_at = self.expiry_deadline().unwrap_or(far);
             tokio::select! {
-                _ = shutdown.wait(), if close_at.is_none() => {
-                    close_at = Some(Instant::now() + spread(self.conn_id, drain));
+                _ = &mut shutdown_started, if clock.close_at.is_none() => {
+                    clock.close_at = Some(Instant::now() + spread(self.conn_id, drain));
+                    timer.as_mut().reset(clock.earliest());
                 }
-                _ = sleep_until(close_at.unwrap_or(far)), if close_at.is_some() => return End::Shutdown,
                 Some(first) = self.subs.next() => {
                     if let Err(end) = self.deliver(first).await {
                         return end;
                     }
                 }
                 next = self.ws.next() => {
-                    last_heard = Instant::now();
+                    clock.last_heard = Instant::now();
                     match next {
                         None => return End::PeerGone,
                         Some(Err(e)) => return End::from_ws(e),
@@ -389,17 +397,31 @@ impl Session {
                             if let Err(end) = self.on_text(&text).await {
                                 return end;
                             }
+                            clock.expiry = self.expiry_deadline();
+                            timer.as_mut().reset(clock.earliest());
                         }
                         Some(Ok(_)) => {}
                     }
                 }
-                _ = ping.tick() => {
-                    if let Err(end) = self.send(Message::Ping(Bytes::new())).await {
-                        return end;
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if clock.close_at.is_some_and(|t| now >= t) {
+                        return End::Shutdown;
                     }
+                    if clock.expiry.is_some_and(|t| now >= t) {
+                        return End::Expired;
+                    }
+                    if now >= clock.last_heard + idle_after {
+                        return End::Idle;
+                    }
+                    if now >= clock.next_ping {
+                        clock.next_ping = now + ping_every;
+                        if let Err(end) = self.send(Message::Ping(Bytes::new())).await {
+                            return end;
+                        }
+                    }
+                    timer.as_mut().reset(clock.earliest());
                 }
-                _ = sleep_until(last_heard + idle_after) => return End::Idle,
-                _ = sleep_until(expiry_at), if expiry_at < far => return End::Expired,
             }
         }
     }
@@ -617,6 +639,25 @@ fn delivery_message((topic, delivery): (Arc<str>, Delivery)) -> Message {
 
 fn resync_message(topic: &str) -> Message {
     Message::text(json!({ "type": "resync", "topic": topic }).to_string())
+}
+
+/// The moments a socket must act on without any traffic.
+struct Deadlines {
+    next_ping: Instant,
+    last_heard: Instant,
+    idle_after: Duration,
+    close_at: Option<Instant>,
+    expiry: Option<Instant>,
+}
+
+impl Deadlines {
+    fn earliest(&self) -> Instant {
+        let mut t = self.next_ping.min(self.last_heard + self.idle_after);
+        for d in [self.close_at, self.expiry].into_iter().flatten() {
+            t = t.min(d);
+        }
+        t
+    }
 }
 
 /// Spreads closes over the drain window so browsers don't all reconnect in the same instant.

@@ -1,5 +1,6 @@
 //! Integration tests: the real server over real sockets.
 
+mod bench_smoke;
 mod cluster;
 mod common;
 mod internal_api;

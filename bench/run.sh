@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Reproduces docs/benchmarks.md's table and chart: builds release binaries, runs the scenario
+# matrix with fanout-bench (each run starts its own worker), then writes
+#   bench/results/*.json, docs/bench-table.md, docs/bench-chart.svg
+# Usage: bench/run.sh [quick]   (quick = 1k and 10k only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/wavelog-worker-target}"
+cargo build --release --bins
+BIN="$CARGO_TARGET_DIR/release/fanout-bench"
+OUT=bench/results
+mkdir -p "$OUT"
+rm -f "$OUT"/*.json
+
+sizes=(1000 10000 19000)
+[ "${1:-}" = quick ] && sizes=(1000 10000)
+
+for n in "${sizes[@]}"; do
+  # Fewer events for more subscribers keeps every run under a minute.
+  events=$(( n >= 10000 ? 40 : 200 ))
+  for transport in ws sse; do
+    for topics in 1 10; do
+      label="$transport ${n}x${topics}t"
+      echo "== $label"
+      "$BIN" run --connections "$n" --topics "$topics" --transport "$transport" \
+        --events "$events" --rate 50 --in-flight 4 --bind-ips 8 --idle-secs 3 \
+        --label "$label" --json "$OUT/${transport}-${n}-${topics}.json" --require-no-loss
+    done
+  done
+done
+
+# Cluster mode (needs redis-server): 2 nodes, subscribers spread over both, publishes on node 1.
+if command -v redis-server >/dev/null; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+  redis_pid=$!
+  trap 'kill $redis_pid 2>/dev/null || true' EXIT
+  sleep 0.5
+  for nodes in 1 2; do
+    label="ws 10000x1t redis ${nodes}n"
+    echo "== $label"
+    "$BIN" run --connections 10000 --topics 1 --transport ws --events 40 --rate 50 --bind-ips 8 \
+      --idle-secs 3 --nodes "$nodes" --redis-url "redis://127.0.0.1:$port/0" \
+      --label "$label" --json "$OUT/cluster-${nodes}n.json" --require-no-loss
+  done
+fi
+
+"$BIN" report "$OUT"/*.json --markdown docs/bench-table.md --svg docs/bench-chart.svg
+echo "wrote docs/bench-table.md and docs/bench-chart.svg"

@@ -1,0 +1,69 @@
+//! The benchmark tool still works and loses nothing, at a tiny size (numbers from a debug build
+//! under a test run mean nothing; docs/benchmarks.md has the real ones).
+
+use std::process::Command;
+
+use crate::common::TempDir;
+
+#[test]
+fn fanout_bench_smoke_run_loses_nothing() {
+    let dir = TempDir::new("bench");
+    for transport in ["ws", "sse"] {
+        let json = dir.0.join(format!("{transport}.json"));
+        let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
+            .args([
+                "run",
+                "--connections",
+                "200",
+                "--topics",
+                "3",
+                "--transport",
+                transport,
+            ])
+            .args([
+                "--events",
+                "30",
+                "--rate",
+                "300",
+                "--idle-secs",
+                "0.2",
+                "--require-no-loss",
+            ])
+            .arg("--worker-bin")
+            .arg(env!("CARGO_BIN_EXE_wavelog-worker"))
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(r["connect"]["connected"], 200);
+        // 30 events over 3 topics, each subscriber on one topic: 10 events each.
+        assert_eq!(r["delivery"]["expected"], 2000);
+        assert_eq!(r["delivery"]["received"], 2000);
+        assert_eq!(r["delivery"]["lost"], 0);
+        assert!(r["publish"]["server_cpu_us_per_delivery"].as_f64().unwrap() > 0.0);
+        assert!(r["connect"]["rss_kib_per_connection"].as_f64().is_some());
+    }
+    let md = dir.0.join("t.md");
+    let svg = dir.0.join("c.svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
+        .arg("report")
+        .arg(dir.0.join("ws.json"))
+        .arg(dir.0.join("sse.json"))
+        .arg("--markdown")
+        .arg(&md)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(std::fs::read_to_string(&md).unwrap().lines().count(), 4);
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+}
