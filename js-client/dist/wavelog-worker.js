@@ -1369,7 +1369,12 @@
       this.elector = env.locks && env.BroadcastChannel
         ? new LockElector(env.locks, name, env.AbortController)
         : new LeaseElector(env, name + ":leader", this.tabId);
-      this.onPageHide = () => this.post({ t: "bye", leader: this.leader });
+      this.onPageHide = (e) => {
+        this.post({ t: "bye", leader: this.leader });
+        // Unloading for good (not into the back/forward cache): give up the leadership now, so
+        // another tab takes over at once instead of when the lock or lease lapses.
+        if (!e || !e.persisted) this.elector.stop();
+      };
       if (env.window) env.window.addEventListener("pagehide", this.onPageHide);
       this.elector.start(() => this.becomeLeader());
     }
