@@ -146,7 +146,7 @@ describe("browser behind nginx", { skip, timeout: 170000 }, () => {
     const [first] = await events(page);
     assert.equal(first.transport, "sse");
     const latency = first.at - t0;
-    assert.ok(latency < 1000, `first event took ${latency} ms through nginx: buffered?`);
+    assert.ok(latency < 2000, `first event took ${latency} ms through nginx: buffered?`);
     const remembered = await page.evaluate(() => Object.entries(sessionStorage));
     assert.deepEqual(remembered, [["wavelog-worker:transport:" + nginx.origin + "/nows", "sse"]]);
     const log = requests("/nows/", since);
@@ -158,7 +158,7 @@ describe("browser behind nginx", { skip, timeout: 170000 }, () => {
       await worker.publish(q, { call: "SSE" + (i + 2), band: "2m" });
       await waitEvents(page, i + 2, 5000);
       const e = (await events(page)).at(-1);
-      assert.ok(e.at - t1 < 1000, `event ${i + 2} took ${e.at - t1} ms`);
+      assert.ok(e.at - t1 < 2000, `event ${i + 2} took ${e.at - t1} ms`);
     }
     await page.screenshot({ path: join(ARTIFACTS, "2-sse-fallback.png"), fullPage: true });
     await page.close();

@@ -358,6 +358,33 @@ describe("WebSocket transport", () => {
     assert.equal(f.sockets.length, 3);
   });
 
+  test("auth_expired: a fresh token from getToken and a reconnect, not a refusal", async () => {
+    const f = setup({ random: () => 0 });
+    let calls = 0;
+    const { rec } = sub(f.client, { topic: "t", token: "old", getToken: async () => `new-${++calls}` });
+    await f.clock.advance(0);
+    const ws = await authOk(f, "t", "e-1");
+    ws._frame({ type: "error", code: "auth_expired", message: "token expired" });
+    ws._close(1008);
+    await f.clock.advance(500);
+    assert.equal(calls, 1);
+    f.lastSocket()._open();
+    assert.deepEqual(f.lastSocket().sent[0], { type: "auth", token: "new-1", last_event_id: "e-1" });
+    assert.notEqual(rec.states.at(-1), "refused");
+  });
+
+  test("closed before it connected: nothing opened, no timer left", async () => {
+    const f = setup();
+    const { handle, rec } = sub(f.client, { topic: "t", token: "x" });
+    handle.close();
+    await f.clock.advance(60000);
+    assert.equal(f.sockets.length, 0);
+    assert.deepEqual(f.clock.pending(), []);
+    assert.deepEqual(rec.states, []);
+    assert.equal(f.win.count("online"), 0, "listeners removed");
+    assert.equal(f.doc.count("visibilitychange"), 0);
+  });
+
   test("callbacks that throw do not break delivery", async () => {
     const f = setup();
     const errors = [];
