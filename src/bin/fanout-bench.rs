@@ -404,14 +404,7 @@ async fn run(args: RunArgs) -> Result<Value, String> {
     let expected: Vec<u64> = (0..k)
         .map(|t| ((args.events + k - 1 - t) / k) as u64)
         .collect();
-    let last_seq: Vec<Option<u64>> = (0..k)
-        .map(|t| {
-            (0..args.events)
-                .rev()
-                .find(|i| i % k == t)
-                .map(|i| i as u64)
-        })
-        .collect();
+
 
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
@@ -455,7 +448,7 @@ async fn run(args: RunArgs) -> Result<Value, String> {
             local,
             topic,
             token,
-            last_seq: last_seq[topic_index],
+            expect: expected[topic_index],
             events: args.events,
         };
         handles.push(tokio::spawn(sub.run()));
@@ -681,14 +674,17 @@ struct Subscriber {
     local: IpAddr,
     topic: String,
     token: String,
-    last_seq: Option<u64>,
+    /// Events this subscriber's topic gets.
+    expect: u64,
     events: usize,
 }
 
 /// Per-subscriber bookkeeping of what arrived.
 struct Seen {
     bits: Vec<u64>,
-    last: Option<u64>,
+    /// Sequence part of the last event id: the server's order, which must only increase.
+    /// (Payload `seq`s may legitimately arrive out of order when publishes are concurrent.)
+    last_id: Option<u64>,
     latencies: Vec<u32>,
     received: u64,
     duplicates: u64,
@@ -700,7 +696,7 @@ impl Seen {
     fn new(events: usize) -> Seen {
         Seen {
             bits: vec![0; events / 64 + 1],
-            last: None,
+            last_id: None,
             latencies: Vec::new(),
             received: 0,
             duplicates: 0,
@@ -709,8 +705,8 @@ impl Seen {
         }
     }
 
-    /// Records one frame's text; true once the topic's last event has arrived.
-    fn frame(&mut self, text: &str, shared: &Shared, last_seq: Option<u64>) -> bool {
+    /// Records one frame's text; true when it completes the topic's expected events.
+    fn frame(&mut self, text: &str, shared: &Shared, expect: u64) -> bool {
         if text.contains("\"type\":\"resync\"") {
             self.resyncs += 1;
             return false;
@@ -723,7 +719,8 @@ impl Seen {
         self.latencies
             .push((now.saturating_sub(t) / 1000).min(u32::MAX as u64) as u32);
         let (word, bit) = ((seq / 64) as usize, seq % 64);
-        if word < self.bits.len() && self.bits[word] & (1 << bit) != 0 {
+        let duplicate = word < self.bits.len() && self.bits[word] & (1 << bit) != 0;
+        if duplicate {
             self.duplicates += 1;
         } else {
             if word < self.bits.len() {
@@ -732,11 +729,13 @@ impl Seen {
             self.received += 1;
             shared.deliveries.fetch_add(1, Ordering::Relaxed);
         }
-        if self.last.is_some_and(|l| seq < l) {
-            self.reordered += 1;
+        if let Some(id) = event_seq(text) {
+            if self.last_id.is_some_and(|l| id <= l) {
+                self.reordered += 1;
+            }
+            self.last_id = Some(id);
         }
-        self.last = Some(self.last.map_or(seq, |l| l.max(seq)));
-        Some(seq) == last_seq
+        !duplicate && self.received == expect
     }
 
     fn publish(&mut self) {
@@ -752,6 +751,14 @@ impl Seen {
         self.reordered = 0;
         self.resyncs = 0;
     }
+}
+
+/// The number after the epoch in the frame's `"id":"<epoch>-<n>"`.
+fn event_seq(text: &str) -> Option<u64> {
+    let start = text.find("\"id\":\"")? + 6;
+    let id = &text[start..];
+    let dash = id.find('-')?;
+    number_after(&id[dash..], "-")
 }
 
 fn number_after(text: &str, key: &str) -> Option<u64> {
@@ -826,7 +833,7 @@ impl Subscriber {
         }
         drop(permit);
         self.shared.connected.fetch_add(1, Ordering::AcqRel);
-        if self.last_seq.is_none() {
+        if self.expect == 0 {
             self.done(seen);
         }
         let mut stop = self.shared.stop.clone();
@@ -838,7 +845,7 @@ impl Subscriber {
             let Some(msg) = msg else { break };
             match msg.map_err(|e| e.to_string())? {
                 Message::Text(t) => {
-                    if seen.frame(&t, &self.shared, self.last_seq) {
+                    if seen.frame(&t, &self.shared, self.expect) {
                         self.done(seen);
                     }
                 }
@@ -901,7 +908,7 @@ impl Subscriber {
                     connected = true;
                     drop(permit.take());
                     self.shared.connected.fetch_add(1, Ordering::AcqRel);
-                    if self.last_seq.is_none() {
+                    if self.expect == 0 {
                         self.done(seen);
                     }
                     continue;
@@ -911,11 +918,11 @@ impl Subscriber {
                     .and_then(|b| b.split_once("\ndata: "))
                     .map(|(_, d)| d)
                 {
-                    if seen.frame(data, &self.shared, self.last_seq) {
+                    if seen.frame(data, &self.shared, self.expect) {
                         self.done(seen);
                     }
                 } else if let Some(data) = block.strip_prefix("data: ") {
-                    seen.frame(data, &self.shared, self.last_seq);
+                    seen.frame(data, &self.shared, self.expect);
                 }
             }
         }
