@@ -968,6 +968,8 @@
         const T = this.topics.get(name);
         if (T) this.acked(T, null, resumed);
       }
+      // A topic added while this stream was being set up joins with a reopen.
+      if (this.live().some((T) => !c.order.includes(T.name))) this.reopenSseSoon();
     }
 
     sseMessage(c, e) {
