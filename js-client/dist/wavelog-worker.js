@@ -1266,10 +1266,8 @@
       const v = this.read();
       const now = this.env.now();
       if (this.leader) {
-        if (v && v.id !== this.id && now - v.ts <= this.ttl) {
-          // Two leaders after a split: the other one wrote last, keep going anyway (dedup by id
-          // makes duplicates harmless) but stop renewing so one of us gives way.
-        }
+        // Renew. (Two leaders after a lease race both keep their connection: every tab drops
+        // ids it has seen, so the duplicates are harmless.)
         this.write();
         this.schedule(this.period);
         return;
