@@ -939,7 +939,7 @@
       es.onopen = () => this.sseOpen(c);
       es.onmessage = (e) => this.sseMessage(c, e);
       es.onerror = () => this.sseError(c);
-      // Not sent by the current worker; a dispatched starting position if a later one does.
+      // The worker's first block: the stream's starting position (a named event).
       es.addEventListener("position", (e) => {
         if (this.cur === c) this.sseCursor(c, e.lastEventId, null);
       });

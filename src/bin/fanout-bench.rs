@@ -405,7 +405,6 @@ async fn run(args: RunArgs) -> Result<Value, String> {
         .map(|t| ((args.events + k - 1 - t) / k) as u64)
         .collect();
 
-
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
         stop,

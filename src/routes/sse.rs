@@ -257,12 +257,14 @@ impl EventStream {
             stream.subs.insert(i, subscribed.subscription);
             replays.push(subscribed.replay);
         }
-        // First the reconnect delay and the starting cursor: a client that drops before any
+        // First the reconnect delay and the starting cursor, as a `position` event (page code
+        // can read it; `onmessage` handlers don't see it): a client that drops before any
         // event still resumes from here and misses nothing.
+        let cursor = stream.cursor.join(",");
+        let position = json!({ "type": "position", "last_event_id": cursor });
         let head = format!(
-            "retry: {}\nid: {}\n\n",
-            cfg.sse_retry.as_millis(),
-            stream.cursor.join(",")
+            "retry: {}\nevent: position\nid: {cursor}\ndata: {position}\n\n",
+            cfg.sse_retry.as_millis()
         );
         stream.queue.push_back(Bytes::from(head));
         for (i, replay) in replays.into_iter().enumerate() {

@@ -278,6 +278,8 @@ where
 /// One SSE block (up to a blank line).
 #[derive(Debug, Default, Clone)]
 pub struct SseBlock {
+    /// The `event:` field; `None` for plain messages (what `onmessage` gets).
+    pub event: Option<String>,
     pub id: Option<String>,
     pub data: Option<String>,
     pub retry: Option<u64>,
@@ -435,6 +437,7 @@ impl SseClient {
                     let value = value.strip_prefix(' ').unwrap_or(value);
                     match field {
                         "id" => block.id = Some(value.to_string()),
+                        "event" => block.event = Some(value.to_string()),
                         "retry" => block.retry = value.parse().ok(),
                         "data" => match &mut block.data {
                             Some(d) => {
@@ -457,10 +460,14 @@ impl SseClient {
         }
     }
 
-    /// The next block with data, parsed as JSON (keepalives and id-only blocks skipped).
+    /// The next message an `onmessage` handler would get, parsed as JSON (keepalives and
+    /// named events such as `position` skipped).
     pub async fn next_json(&mut self) -> Value {
         loop {
             let block = self.next_block().await.expect("stream still open");
+            if block.event.is_some() {
+                continue;
+            }
             if let Some(data) = block.data {
                 return serde_json::from_str(&data)
                     .unwrap_or_else(|e| panic!("not JSON ({e}): {data}"));

@@ -323,3 +323,42 @@ fn json_log_lines() {
     assert_eq!(v["message"], "wavelog-worker listening");
     assert_eq!(v["level"], "INFO");
 }
+
+#[tokio::test]
+async fn client_js_is_served_with_version_keyed_caching() {
+    let t = start("").await;
+    let v = env!("CARGO_PKG_VERSION");
+    let a = http(t.public, "GET", &format!("/client.js?v={v}"), &[], b"").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.header("content-type").as_deref(),
+        Some("application/javascript; charset=utf-8")
+    );
+    assert_eq!(
+        a.header("cache-control").as_deref(),
+        Some("public, max-age=31536000, immutable")
+    );
+    assert!(
+        a.body.contains("WavelogWorker") && a.body.contains("subscribe"),
+        "the real classic-script build"
+    );
+    let plain = http(t.public, "GET", "/client.js", &[], b"").await;
+    assert_eq!(
+        plain.header("cache-control").as_deref(),
+        Some("public, max-age=300")
+    );
+    let etag = plain.header("etag").unwrap();
+    let again = http(
+        t.public,
+        "GET",
+        "/client.js",
+        &[("If-None-Match", &etag)],
+        b"",
+    )
+    .await;
+    assert_eq!((again.status, again.body.as_str()), (304, ""));
+    assert_eq!(
+        http(t.public, "POST", "/client.js", &[], b"").await.status,
+        405
+    );
+}

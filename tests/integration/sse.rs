@@ -31,7 +31,13 @@ async fn headers_and_framing_byte_by_byte() {
     let head = sse.next_block().await.unwrap();
     assert_eq!(head.retry, Some(2000));
     let position = head.id.expect("the stream starts with its position");
-    assert!(head.data.is_none());
+    assert_eq!(
+        head.event.as_deref(),
+        Some("position"),
+        "a named event: onmessage doesn't see it"
+    );
+    let data: serde_json::Value = serde_json::from_str(&head.data.unwrap()).unwrap();
+    assert_eq!(data, json!({"type":"position","last_event_id":position}));
 
     assert_eq!(
         publish(&t, "qso.1", r#"{"type":"sync_required","n":1.50}"#).await,
