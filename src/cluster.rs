@@ -2,8 +2,14 @@
 //!
 //! Wire-compatible with the Go worker: events travel on the pub/sub channel `wavelog:events` as
 //! `{"origin_id":..,"topic":..,"payload":..}` (we add `"id"`), topics live in
-//! `wavelog:topic:<topic>` with a TTL. A node delivers its own publishes locally at once and skips
-//! its own echo.
+//! `wavelog:topic:<topic>` with a TTL.
+//!
+//! Order comes first: every node delivers events in the order Redis published them, which is
+//! the order of their ids, so a client's last id always says exactly what it has seen (resume
+//! can neither skip nor repeat). A node therefore delivers its own publish when the echo of it
+//! arrives on its ordered subscription (a loopback round trip later, not a second delivery):
+//! events other nodes published just before reach its subscribers first. If the echo does not
+//! come in time, the event is delivered locally at once and the late echo is skipped.
 //!
 //! Event ids are cluster-wide: one Lua script takes the next number of `wavelog:seq` and
 //! publishes the envelope atomically, so every node numbers an event alike and Redis's publish
@@ -39,8 +45,10 @@ const EPOCH_KEY: &str = "wavelog:epoch";
 const SEQ_KEY: &str = "wavelog:seq";
 
 /// Longest wait for one Redis command: the internal API must answer quickly even when Redis
-/// is gone without closing the connection.
+/// is gone without closing the connection (Wavelog's PHP gives up after 1 s).
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest wait for the echo of our own publish before delivering it locally anyway.
+const ECHO_TIMEOUT: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -82,6 +90,18 @@ pub struct Cluster {
     missed: Mutex<HashSet<String>>,
     reconnects: AtomicU64,
     script: Script,
+    /// Our own publishes, by cluster sequence number, as their echoes are handled.
+    own: Mutex<HashMap<u64, Own>>,
+    /// The highest cluster sequence number handled from the events channel.
+    echoed: tokio::sync::watch::Sender<u64>,
+}
+
+/// What became of one of our own publishes.
+enum Own {
+    /// Its echo arrived and was delivered.
+    Delivered(Published),
+    /// Delivered locally without waiting; skip the echo if it still comes.
+    Abandoned,
 }
 
 #[derive(Deserialize)]
@@ -135,6 +155,8 @@ impl Cluster {
             missed: Mutex::new(HashSet::new()),
             reconnects: AtomicU64::new(0),
             script: Script::new(PUBLISH_LUA),
+            own: Mutex::new(HashMap::new()),
+            echoed: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -259,13 +281,45 @@ impl Cluster {
             tracing::debug!("ignoring a malformed envelope on {EVENTS_CHANNEL}");
             return;
         };
-        if envelope.origin_id.as_deref() == Some(self.node_id.as_str()) {
-            return;
-        }
         let seq = envelope.id.as_deref().and_then(|id| self.cluster_seq(id));
         let coalesce = self.cached_meta(&envelope.topic).and_then(|m| m.coalesce());
-        self.hub
-            .accept(&envelope.topic, envelope.payload.get(), seq, coalesce);
+        let own = envelope.origin_id.as_deref() == Some(self.node_id.as_str());
+        match (own, seq) {
+            (false, _) => {
+                self.hub
+                    .accept(&envelope.topic, envelope.payload.get(), seq, coalesce);
+            }
+            (true, Some(seq)) => {
+                let n = seq / CLUSTER_SCALE;
+                let abandoned = matches!(lock(&self.own).get(&n), Some(Own::Abandoned));
+                if abandoned {
+                    lock(&self.own).remove(&n);
+                } else {
+                    let published = self.hub.accept(
+                        &envelope.topic,
+                        envelope.payload.get(),
+                        Some(seq),
+                        coalesce,
+                    );
+                    let mut own = lock(&self.own);
+                    if own.len() > 10_000 {
+                        own.retain(|k, _| *k + 10_000 > n);
+                    }
+                    own.insert(n, Own::Delivered(published));
+                }
+            }
+            (true, None) => {}
+        }
+        if let Some(seq) = seq {
+            let n = seq / CLUSTER_SCALE;
+            self.echoed.send_if_modified(|v| {
+                let newer = n > *v;
+                if newer {
+                    *v = n;
+                }
+                newer
+            });
+        }
     }
 
     fn on_control(&self, bytes: &[u8]) {
@@ -299,10 +353,17 @@ impl Cluster {
         let seq = n.checked_mul(CLUSTER_SCALE)?;
         if *self.hub.epoch() != *epoch {
             tracing::info!(epoch, "cluster epoch changed: subscribers resync");
-            self.hub
-                .switch_epoch(epoch, seq.saturating_sub(CLUSTER_SCALE));
+            self.switch_epoch(epoch, seq.saturating_sub(CLUSTER_SCALE));
         }
         Some(seq)
+    }
+
+    /// A new cluster epoch (Redis lost its data): numbering restarts, so forget what we know
+    /// of earlier numbers, and make every subscriber resync.
+    fn switch_epoch(&self, epoch: &str, seq: u64) {
+        self.echoed.send_replace(0);
+        lock(&self.own).clear();
+        self.hub.switch_epoch(epoch, seq);
     }
 
     /// Takes the cluster's epoch (creating it if Redis has none) and its current sequence.
@@ -316,7 +377,7 @@ impl Cluster {
         if let Some(epoch) = epoch {
             if *self.hub.epoch() != *epoch {
                 let seq = seq.flatten().unwrap_or(0).saturating_mul(CLUSTER_SCALE);
-                self.hub.switch_epoch(&epoch, seq);
+                self.switch_epoch(&epoch, seq);
             }
         }
     }
@@ -330,7 +391,7 @@ impl Cluster {
         coalesce: Option<Duration>,
     ) -> Published {
         match self.publish_remote(topic, payload).await {
-            Some(seq) => self.hub.accept(topic, payload, Some(seq), coalesce),
+            Some(seq) => self.await_echo(topic, payload, seq, coalesce).await,
             None => {
                 self.metrics
                     .cluster_publish_failures
@@ -339,6 +400,31 @@ impl Cluster {
                 self.hub.publish(topic, payload, coalesce)
             }
         }
+    }
+
+    /// Waits until our publish `seq` came back on the ordered subscription (and so was
+    /// delivered in order); delivers it locally if it doesn't come in time.
+    async fn await_echo(
+        &self,
+        topic: &str,
+        payload: &str,
+        seq: u64,
+        coalesce: Option<Duration>,
+    ) -> Published {
+        let n = seq / CLUSTER_SCALE;
+        let mut echoed = self.echoed.subscribe();
+        let _ = tokio::time::timeout(ECHO_TIMEOUT, echoed.wait_for(|v| *v >= n)).await;
+        let mut own = lock(&self.own);
+        if let Some(Own::Delivered(published)) = own.remove(&n) {
+            return published;
+        }
+        own.insert(n, Own::Abandoned);
+        drop(own);
+        lock(&self.missed).insert(topic.to_string());
+        self.metrics
+            .cluster_publish_failures
+            .fetch_add(1, Ordering::Relaxed);
+        self.hub.accept(topic, payload, Some(seq), coalesce)
     }
 
     async fn publish_remote(&self, topic: &str, payload: &str) -> Option<u64> {

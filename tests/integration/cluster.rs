@@ -346,3 +346,60 @@ async fn redis_down_at_start_serves_locally_and_becomes_ready() {
     })
     .await;
 }
+
+/// Publishes through two nodes at once: every subscriber on every node sees the same events in
+/// the same order, and that order is the order of the ids (so resuming by id is exact).
+#[tokio::test]
+async fn concurrent_publishes_through_two_nodes_reach_everyone_in_id_order() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let a = Arc::new(node(&redis, "").await);
+    let b = Arc::new(node(&redis, "").await);
+    register(&a, "contest_session.5", false).await;
+    let mut subs = vec![
+        ws_subscribe(&a, "contest_session.5", "x").await,
+        ws_subscribe(&a, "contest_session.5", "x").await,
+        ws_subscribe(&b, "contest_session.5", "x").await,
+        ws_subscribe(&b, "contest_session.5", "x").await,
+    ];
+    let publishers: Vec<_> = [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(p, node)| {
+            tokio::spawn(async move {
+                for i in 0..30 {
+                    assert_eq!(
+                        publish(&node, "contest_session.5", &format!("\"{p}.{i}\"")).await,
+                        200
+                    );
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let mut orders = Vec::new();
+    for ws in &mut subs {
+        let mut seen = Vec::new();
+        for _ in 0..120 {
+            let v = next_json(ws).await;
+            let id = v["id"].as_str().unwrap().to_string();
+            seen.push((id, v["payload"].as_str().unwrap().to_string()));
+        }
+        assert_silent(ws, Duration::from_millis(200)).await;
+        orders.push(seen);
+    }
+    for o in &orders[1..] {
+        assert_eq!(o, &orders[0], "one order on every node");
+    }
+    let seqs: Vec<u64> = orders[0]
+        .iter()
+        .map(|(id, _)| id.rsplit('-').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "delivery order is id order: {seqs:?}"
+    );
+}
