@@ -23,7 +23,7 @@ for n in "${sizes[@]}"; do
       label="$transport ${n}x${topics}t"
       echo "== $label"
       "$BIN" run --connections "$n" --topics "$topics" --transport "$transport" \
-        --events "$events" --rate 50 --in-flight 4 --bind-ips 8 --idle-secs 3 \
+        --events "$events" --rate 50 --in-flight 4 --bind-ips 32 --idle-secs 3 \
         --label "$label" --json "$OUT/${transport}-${n}-${topics}.json" --require-no-loss
     done
   done
@@ -39,11 +39,13 @@ if command -v redis-server >/dev/null; then
   for nodes in 1 2; do
     label="ws 10000x1t redis ${nodes}n"
     echo "== $label"
-    "$BIN" run --connections 10000 --topics 1 --transport ws --events 40 --rate 50 --bind-ips 8 \
+    "$BIN" run --connections 10000 --topics 1 --transport ws --events 40 --rate 50 --bind-ips 32 \
       --idle-secs 3 --nodes "$nodes" --redis-url "redis://127.0.0.1:$port/0" \
       --label "$label" --json "$OUT/cluster-${nodes}n.json" --require-no-loss
   done
 fi
 
-"$BIN" report "$OUT"/*.json --markdown docs/bench-table.md --svg docs/bench-chart.svg
+shopt -s nullglob
+results=("$OUT"/ws-*.json "$OUT"/sse-*.json "$OUT"/cluster-*.json)
+"$BIN" report "${results[@]}" --markdown docs/bench-table.md --svg docs/bench-chart.svg
 echo "wrote docs/bench-table.md and docs/bench-chart.svg"

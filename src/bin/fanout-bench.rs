@@ -1067,7 +1067,7 @@ fn chart(results: &[Value]) -> String {
         .map(|r| f(&r["publish"]["server_cpu_us_per_delivery"]))
         .fold(1.0, f64::max);
     let cpu_left = label_w + panel_w + 30.0;
-    let x_cpu = |v: f64| cpu_left + panel_w * (v / max_cpu);
+    let x_cpu = |v: f64| cpu_left + panel_w * 0.85 * (v / max_cpu);
     for d in 0..=(log_max as i32) {
         let x = x_lat(10f64.powi(d));
         s.push_str(&format!(
