@@ -16,7 +16,7 @@ COPY worker.toml /etc/wavelog-worker/worker.toml
 # In a container the internal API must listen beyond loopback to be reachable from Wavelog's
 # container; publish port 9001 only on a private network (never to the internet).
 ENV WORKER_INTERNAL_BIND=0.0.0.0
-USER worker
+USER 10001
 EXPOSE 9000 9001
 HEALTHCHECK --interval=15s --timeout=5s --retries=3 \
   CMD ["wavelog-worker", "--config", "/etc/wavelog-worker/worker.toml", "healthcheck"]

@@ -133,6 +133,8 @@ pub struct Metrics {
     /// Publishes that reached local subscribers only (Redis away).
     pub cluster_publish_failures: AtomicU64,
     pub limit_refusals: CounterVec<4>,
+    /// WebSocket closes, by why.
+    pub ws_disconnects: CounterVec<9>,
     pub publish_to_send: Histogram,
 }
 
@@ -175,6 +177,20 @@ impl Default for Metrics {
                 ],
             ),
             publish_to_send: Histogram::new(),
+            ws_disconnects: CounterVec::new(
+                "reason",
+                [
+                    "client_closed",
+                    "connection_lost",
+                    "refused",
+                    "auth_timeout",
+                    "idle_timeout",
+                    "frame_too_large",
+                    "client_not_reading",
+                    "token_expired",
+                    "shutdown",
+                ],
+            ),
         }
     }
 }
@@ -288,6 +304,12 @@ impl Metrics {
             "limit_refusals_total",
             "Requests refused by a configured limit.",
             &self.limit_refusals,
+        );
+        labelled(
+            o,
+            "websocket_disconnects_total",
+            "WebSocket closes, by reason (idle_timeout, auth_timeout, frame_too_large, ...).",
+            &self.ws_disconnects,
         );
         sample(
             o,

@@ -210,6 +210,21 @@ impl End {
         })
     }
 
+    /// The `reason` label of `wavelog_worker_websocket_disconnects_total`.
+    fn metric_label(&self) -> &'static str {
+        match self {
+            End::PeerClosed => "client_closed",
+            End::PeerGone => "connection_lost",
+            End::Refused { .. } => "refused",
+            End::AuthTimeout => "auth_timeout",
+            End::Idle => "idle_timeout",
+            End::TooBig => "frame_too_large",
+            End::WriteStalled => "client_not_reading",
+            End::Expired => "token_expired",
+            End::Shutdown => "shutdown",
+        }
+    }
+
     fn describe(&self) -> &'static str {
         match self {
             End::PeerClosed => "closed by client",
@@ -282,6 +297,7 @@ impl Session {
             Err(end) => end,
         };
         self.finish(&end).await;
+        self.state.metrics.ws_disconnects.inc(end.metric_label());
         tracing::info!(
             topic = ?self.topic,
             client = %self.client,

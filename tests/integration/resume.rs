@@ -355,7 +355,7 @@ async fn coalescing_delivers_the_newest_event_per_window() {
 
 #[tokio::test]
 async fn a_slow_sse_consumer_gets_resync_and_blocks_nobody() {
-    let t = Arc::new(start("subscriber_queue = 16").await);
+    let t = Arc::new(start("subscriber_queue = 16\nmax_history_bytes = 1048576").await);
     register(&t, "radio.1", false).await;
     let mut slow = SseClient::connect(t.public, &sse_path("radio.1", "x"), &[])
         .await
@@ -388,4 +388,8 @@ async fn a_slow_sse_consumer_gets_resync_and_blocks_nobody() {
         }
     }
     assert!(saw_resync);
+    // What the worker holds for the topic stays bounded: 24 MB went through, history kept at
+    // most its budget, and the slow client's queue at most `subscriber_queue` frames.
+    let s = status(&t, "").await;
+    assert!(s["history_bytes"].as_u64().unwrap() <= 1_048_576, "{s}");
 }

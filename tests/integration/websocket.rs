@@ -262,6 +262,20 @@ async fn inbound_frames_over_4_kib_close_the_socket() {
     );
     ws.send(Message::text("x".repeat(5000))).await.unwrap();
     assert_eq!(close_code(&mut ws).await, Some(1009));
+    let bearer = format!("Bearer {}", t.secret);
+    eventually("the close to be counted", || async {
+        let m = http(
+            t.internal,
+            "GET",
+            "/metrics",
+            &[("Authorization", &bearer)],
+            b"",
+        )
+        .await
+        .body;
+        m.contains("wavelog_worker_websocket_disconnects_total{reason=\"frame_too_large\"} 1")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -353,6 +367,20 @@ async fn server_pings_and_closes_idle_sockets() {
     // A client that stops reading (so never pongs) is closed after idle_timeout.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(close_code(&mut ws).await, Some(1000));
+    let bearer = format!("Bearer {}", t.secret);
+    eventually("the idle close to be counted", || async {
+        let m = http(
+            t.internal,
+            "GET",
+            "/metrics",
+            &[("Authorization", &bearer)],
+            b"",
+        )
+        .await
+        .body;
+        m.contains("wavelog_worker_websocket_disconnects_total{reason=\"idle_timeout\"} 1")
+    })
+    .await;
 }
 
 #[tokio::test]
