@@ -79,6 +79,10 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Registered topics; registering more is refused with 503.
     pub max_topics: usize,
+    /// Failed authentications a client IP may make at once, then `auth_failures_per_minute`;
+    /// beyond that its connection attempts get 429.
+    pub auth_failure_burst: u32,
+    pub auth_failures_per_minute: u32,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
 }
@@ -118,6 +122,8 @@ const KEYS: &[&str] = &[
     "max_topics",
     "log_format",
     "registry_cache_ttl",
+    "auth_failure_burst",
+    "auth_failures_per_minute",
 ];
 
 /// One line naming the key and the problem.
@@ -392,6 +398,9 @@ impl Config {
             max_connections_per_ip: src.integer("max_connections_per_ip", 1_000, 1, 10_000_000)?
                 as usize,
             max_topics: src.integer("max_topics", 100_000, 1, 100_000_000)? as usize,
+            auth_failure_burst: src.integer("auth_failure_burst", 20, 1, 1_000_000)? as u32,
+            auth_failures_per_minute: src.integer("auth_failures_per_minute", 30, 1, 1_000_000)?
+                as u32,
             log_format: match src.string("log_format", "text")?.as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
@@ -449,6 +458,11 @@ impl Config {
                 self.max_connections_per_ip.to_string(),
             ),
             ("max_topics", self.max_topics.to_string()),
+            ("auth_failure_burst", self.auth_failure_burst.to_string()),
+            (
+                "auth_failures_per_minute",
+                self.auth_failures_per_minute.to_string(),
+            ),
             (
                 "log_format",
                 s(match self.log_format {

@@ -46,6 +46,8 @@ pub struct AppState {
     pub cluster: Option<Arc<Cluster>>,
     pub metrics: Arc<Metrics>,
     pub limits: limits::ConnectionLimits,
+    /// Failed authentications per client IP.
+    pub auth_throttle: limits::AuthThrottle,
     pub started: Instant,
     pub shutdown: Shutdown,
     /// Open WebSockets (and later streams), so shutdown can wait for them to close.
@@ -198,6 +200,10 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
     };
     let state = Arc::new(AppState {
         metrics: metrics.clone(),
+        auth_throttle: limits::AuthThrottle::new(
+            config.auth_failure_burst,
+            config.auth_failures_per_minute,
+        ),
         limits: limits::ConnectionLimits::new(
             config.max_connections,
             config.max_connections_per_ip,

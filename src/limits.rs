@@ -108,3 +108,91 @@ mod tests {
         assert!(l.acquire(a).is_ok());
     }
 }
+
+/// Slows down token guessing: each client IP may fail authentication `burst` times, then once
+/// per `1 / rate` seconds; beyond that its connection attempts are refused (429) before any
+/// token is looked at, so the worker cannot serve as a signature oracle at line rate.
+pub struct AuthThrottle {
+    burst: f64,
+    per_second: f64,
+    buckets: std::sync::Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    /// Failures still allowed right now.
+    allowance: f64,
+    updated: std::time::Instant,
+}
+
+/// Entries kept at most; the oldest full buckets go first when there are more.
+const MAX_TRACKED_IPS: usize = 100_000;
+
+impl AuthThrottle {
+    pub fn new(burst: u32, per_minute: u32) -> Self {
+        AuthThrottle {
+            burst: f64::from(burst.max(1)),
+            per_second: f64::from(per_minute) / 60.0,
+            buckets: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn refill(&self, b: &mut Bucket, now: std::time::Instant) {
+        let elapsed = now.duration_since(b.updated).as_secs_f64();
+        b.allowance = (b.allowance + elapsed * self.per_second).min(self.burst);
+        b.updated = now;
+    }
+
+    /// Whether `ip` may try to authenticate now.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let now = std::time::Instant::now();
+        let mut buckets = lock(&self.buckets);
+        match buckets.get_mut(&ip) {
+            Some(b) => {
+                self.refill(b, now);
+                b.allowance >= 1.0
+            }
+            None => true,
+        }
+    }
+
+    /// Counts one failed authentication of `ip`.
+    pub fn failed(&self, ip: IpAddr) {
+        let now = std::time::Instant::now();
+        let mut buckets = lock(&self.buckets);
+        if buckets.len() >= MAX_TRACKED_IPS && !buckets.contains_key(&ip) {
+            let burst = self.burst;
+            let per_second = self.per_second;
+            buckets.retain(|_, b| {
+                let elapsed = now.duration_since(b.updated).as_secs_f64();
+                b.allowance + elapsed * per_second < burst
+            });
+        }
+        let b = buckets.entry(ip).or_insert(Bucket {
+            allowance: self.burst,
+            updated: now,
+        });
+        self.refill(b, now);
+        b.allowance = (b.allowance - 1.0).max(0.0);
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let t = AuthThrottle::new(3, 60);
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        let other: IpAddr = "198.51.100.2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(t.allows(ip));
+            t.failed(ip);
+        }
+        assert!(!t.allows(ip), "burst used up");
+        assert!(t.allows(other), "per IP");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert!(t.allows(ip), "one more per second");
+    }
+}

@@ -132,7 +132,7 @@ pub struct Metrics {
     pub lagged_events: AtomicU64,
     /// Publishes that reached local subscribers only (Redis away).
     pub cluster_publish_failures: AtomicU64,
-    pub limit_refusals: CounterVec<4>,
+    pub limit_refusals: CounterVec<5>,
     /// WebSocket closes, by why.
     pub ws_disconnects: CounterVec<9>,
     pub publish_to_send: Histogram,
@@ -174,6 +174,7 @@ impl Default for Metrics {
                     "max_connections_per_ip",
                     "max_topics",
                     "max_payload_bytes",
+                    "auth_failures",
                 ],
             ),
             publish_to_send: Histogram::new(),

@@ -192,13 +192,19 @@ fn is_proxy(ip: IpAddr) -> bool {
 }
 
 /// Takes a connection slot for the client (503 when the worker is full, 429 when this client
-/// holds too many) and names the client for logs.
+/// holds too many or failed to authenticate too often) and names the client.
 pub fn admit(
     state: &AppState,
     headers: &HeaderMap,
     peer: SocketAddr,
-) -> Result<(Permit, String), ApiError> {
+) -> Result<(Permit, IpAddr), ApiError> {
     let ip = client_ip(headers, peer);
+    if !state.auth_throttle.allows(ip) {
+        state.metrics.limit_refusals.inc("auth_failures");
+        return Err(ApiError::TooManyRequests(
+            "too many failed authentications from this address; try again later",
+        ));
+    }
     let permit = state.limits.acquire(ip).map_err(|hit| {
         state.metrics.limit_refusals.inc(hit.metric_label());
         match hit {
@@ -206,7 +212,7 @@ pub fn admit(
             LimitHit::PerIp => ApiError::TooManyRequests("too many connections from this address"),
         }
     })?;
-    Ok((permit, ip.to_string()))
+    Ok((permit, ip))
 }
 
 /// `check_origin`, counted as an auth failure when refused.

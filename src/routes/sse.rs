@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -141,6 +142,8 @@ async fn open(
             "at most {limit} topics per connection"
         )));
     }
+    // The slot (and the failed-authentication throttle) before any token is looked at.
+    let (permit, client) = admit(&state, headers, peer.0)?;
     let mut user_id = 0;
     for (topic, token) in &req.topics {
         match access::lookup_and_grant(&state, topic, token).await {
@@ -154,13 +157,12 @@ async fn open(
                 if denied == Denied::NotRegistered {
                     return Err(ApiError::NotFound("topic not registered"));
                 }
-                let client = super::client_ip(headers, peer.0);
+                state.auth_throttle.failed(client);
                 tracing::info!(topic = ?topic, client = %client, reason = denied.message(), "sse auth refused");
                 return Err(ApiError::Unauthorized(denied.message()));
             }
         }
     }
-    let (permit, client) = admit(&state, headers, peer.0)?;
     let resume = cursor_ids(req.last_event_id.as_deref(), req.topics.len());
     let stream = EventStream::open(&state, &req.topics, resume, user_id, client, permit);
 
@@ -210,7 +212,7 @@ struct EventStream {
     shutdown: WatchStream<bool>,
     close_at: Option<Pin<Box<Sleep>>>,
     drain_delay: std::time::Duration,
-    client: String,
+    client: IpAddr,
     started: Instant,
     metrics: Arc<Metrics>,
     _member: Member,
@@ -225,7 +227,7 @@ impl EventStream {
         topics: &[(String, String)],
         resume: Vec<Option<String>>,
         user_id: i64,
-        client: String,
+        client: IpAddr,
         permit: Permit,
     ) -> EventStream {
         let cfg = &state.config;

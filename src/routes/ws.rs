@@ -5,6 +5,7 @@
 //! After the first auth, `subscribe`/`unsubscribe` frames add and remove more topics.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -259,7 +260,7 @@ struct Session {
     /// The topic of the URL, authenticated by the first frame.
     topic: String,
     meta: TopicMeta,
-    client: String,
+    client: IpAddr,
     conn_id: u64,
     last_status: Option<Instant>,
     subs: StreamMap<Arc<str>, Subscription>,
@@ -273,7 +274,7 @@ impl Session {
         state: Arc<AppState>,
         topic: String,
         meta: TopicMeta,
-        client: String,
+        client: IpAddr,
     ) -> Self {
         Session {
             conn_id: state.next_conn_id(),
@@ -340,6 +341,7 @@ impl Session {
                 Ok(f) if f.kind == "auth" => f,
                 _ => {
                     self.state.metrics.auth_failures.inc("auth_required");
+                    self.state.auth_throttle.failed(self.client);
                     return Err(auth_required);
                 }
             };
@@ -356,6 +358,9 @@ impl Session {
 
     fn log_refusal(&self, topic: &str, denied: Denied) {
         self.state.metrics.auth_failures.inc(denied.metric_reason());
+        if denied != Denied::NotRegistered {
+            self.state.auth_throttle.failed(self.client);
+        }
         tracing::info!(topic = ?topic, client = %self.client, reason = denied.message(), "ws auth refused");
     }
 

@@ -8,5 +8,6 @@ mod nginx;
 mod ops;
 mod process;
 mod resume;
+mod security;
 mod sse;
 mod websocket;
