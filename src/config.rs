@@ -45,6 +45,8 @@ pub struct Config {
     pub topic_ttl: Duration,
     /// Close sockets whose token expires (the Go worker only checks at connect).
     pub enforce_token_expiry: bool,
+    /// Time a client has to send its HTTP request head.
+    pub header_timeout: Duration,
     /// Time a new WebSocket has to send its auth frame.
     pub auth_timeout: Duration,
     pub ping_interval: Duration,
@@ -105,6 +107,7 @@ const KEYS: &[&str] = &[
     "topic_ttl",
     "enforce_token_expiry",
     "auth_timeout",
+    "header_timeout",
     "ping_interval",
     "idle_timeout",
     "shutdown_drain",
@@ -379,6 +382,7 @@ impl Config {
             topic_ttl: src.positive_duration("topic_ttl", Duration::from_secs(24 * 3600))?,
             enforce_token_expiry: src.boolean("enforce_token_expiry", false)?,
             auth_timeout: src.positive_duration("auth_timeout", Duration::from_secs(10))?,
+            header_timeout: src.positive_duration("header_timeout", Duration::from_secs(10))?,
             ping_interval,
             idle_timeout,
             shutdown_drain: src.duration("shutdown_drain", Duration::from_secs(2))?,
@@ -432,6 +436,7 @@ impl Config {
                 self.enforce_token_expiry.to_string(),
             ),
             ("auth_timeout", d(self.auth_timeout)),
+            ("header_timeout", d(self.header_timeout)),
             ("ping_interval", d(self.ping_interval)),
             ("idle_timeout", d(self.idle_timeout)),
             ("shutdown_drain", d(self.shutdown_drain)),

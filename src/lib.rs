@@ -223,11 +223,13 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
         tokio::spawn(server::serve(
             public,
             routes::public(state.clone()),
+            state.config.header_timeout,
             shutdown.clone(),
         )),
         tokio::spawn(server::serve(
             internal,
             routes::internal(state.clone()),
+            state.config.header_timeout,
             shutdown.clone(),
         )),
         tokio::spawn(sweep(state.clone())),
@@ -297,9 +299,20 @@ async fn sweep(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         state.hub.sweep();
+        trim_heap();
         let dropped = state.registry.sweep();
         if dropped > 0 {
             tracing::debug!(dropped, "expired topics swept");
         }
+    }
+}
+
+/// Gives freed heap memory back to the OS (glibc keeps it otherwise), so RSS falls again after
+/// thousands of clients left at once.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory at the top of the heaps and in free pages.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -134,7 +134,7 @@ pub struct Metrics {
     pub cluster_publish_failures: AtomicU64,
     pub limit_refusals: CounterVec<5>,
     /// WebSocket closes, by why.
-    pub ws_disconnects: CounterVec<9>,
+    pub ws_disconnects: CounterVec<10>,
     pub publish_to_send: Histogram,
 }
 
@@ -187,6 +187,7 @@ impl Default for Metrics {
                     "auth_timeout",
                     "idle_timeout",
                     "frame_too_large",
+                    "invalid_frame",
                     "client_not_reading",
                     "token_expired",
                     "shutdown",

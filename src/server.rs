@@ -22,8 +22,10 @@ pub type Routes = warp::filters::BoxedFilter<(warp::reply::Response,)>;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (request line and headers) a client may send; more is answered 431.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers in one request.
+const MAX_HEADERS: usize = 64;
 
 /// Resolves `bind` + `port` and listens. An empty bind means all interfaces (IPv6 and IPv4
 /// where the host has IPv6, IPv4 only otherwise).
@@ -127,7 +129,14 @@ impl Drop for Tracked {
 }
 
 /// Accepts connections on `listener` and serves `filter` until shutdown.
-pub async fn serve(listener: TcpListener, filter: Routes, mut shutdown: Shutdown) {
+/// Accepts connections on `listener` and serves `filter` until shutdown; a client gets
+/// `header_timeout` to send its request head (slow-loris clients are cut off).
+pub async fn serve(
+    listener: TcpListener,
+    filter: Routes,
+    header_timeout: Duration,
+    mut shutdown: Shutdown,
+) {
     let mut accept_error_logged = false;
     loop {
         let accepted = tokio::select! {
@@ -140,7 +149,13 @@ pub async fn serve(listener: TcpListener, filter: Routes, mut shutdown: Shutdown
                 let _ = stream.set_nodelay(true);
                 let filter = filter.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(serve_connection(stream, peer, filter, shutdown));
+                tokio::spawn(serve_connection(
+                    stream,
+                    peer,
+                    filter,
+                    header_timeout,
+                    shutdown,
+                ));
             }
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning, and say it once.
@@ -158,6 +173,7 @@ async fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     filter: Routes,
+    header_timeout: Duration,
     mut shutdown: Shutdown,
 ) {
     let warp_service = warp::service(filter);
@@ -168,7 +184,9 @@ async fn serve_connection(
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);

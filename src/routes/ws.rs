@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_stream::StreamMap;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -165,6 +166,8 @@ enum End {
     AuthTimeout,
     Idle,
     TooBig,
+    /// A text frame that is not UTF-8, or another protocol violation.
+    InvalidData,
     WriteStalled,
     Expired,
     Shutdown,
@@ -174,6 +177,8 @@ impl End {
     fn from_ws(e: WsError) -> End {
         match e {
             WsError::Capacity(_) => End::TooBig,
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::PeerGone,
+            WsError::Utf8(_) | WsError::Protocol(_) => End::InvalidData,
             WsError::ConnectionClosed | WsError::AlreadyClosed => End::PeerClosed,
             _ => End::PeerGone,
         }
@@ -203,6 +208,7 @@ impl End {
             End::AuthTimeout => (CloseCode::Policy, "auth timeout"),
             End::Idle => (CloseCode::Normal, "idle timeout"),
             End::TooBig => (CloseCode::Size, "frame too large"),
+            End::InvalidData => (CloseCode::Invalid, "invalid frame"),
             End::Shutdown => (CloseCode::Away, "server shutting down"),
         };
         Some(CloseFrame {
@@ -220,6 +226,7 @@ impl End {
             End::AuthTimeout => "auth_timeout",
             End::Idle => "idle_timeout",
             End::TooBig => "frame_too_large",
+            End::InvalidData => "invalid_frame",
             End::WriteStalled => "client_not_reading",
             End::Expired => "token_expired",
             End::Shutdown => "shutdown",
@@ -234,6 +241,7 @@ impl End {
             End::AuthTimeout => "auth timeout",
             End::Idle => "idle timeout",
             End::TooBig => "frame too large",
+            End::InvalidData => "invalid frame",
             End::WriteStalled => "client not reading",
             End::Expired => "token expired",
             End::Shutdown => "shutdown",
