@@ -276,6 +276,22 @@ impl Source<'_> {
     }
 }
 
+/// A TOML basic string: quotes, backslashes and control characters escaped.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// A Redis URL with its password replaced, for printing.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -422,7 +438,7 @@ impl Config {
     /// The effective values as TOML, with the secret replaced by a placeholder.
     pub fn to_toml_redacted(&self) -> String {
         let d = |d: Duration| format!("\"{}\"", duration::format_precise(d));
-        let s = |s: &str| format!("{s:?}");
+        let s = |s: &str| toml_string(s);
         let origins: Vec<String> = self.allowed_origins.iter().map(|o| s(o)).collect();
         let lines = [
             ("ws_bind", s(&self.ws_bind)),

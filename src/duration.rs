@@ -60,13 +60,15 @@ pub fn format_go(d: Duration) -> String {
     }
 }
 
-/// Formats any duration so that `parse` gives it back: whole seconds as `format_go`, anything
-/// finer in milliseconds.
+/// Formats any duration so that `parse` gives it back exactly: whole seconds as `format_go`,
+/// anything finer in milliseconds or nanoseconds.
 pub fn format_precise(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
         format_go(d)
-    } else {
+    } else if d.subsec_nanos() % 1_000_000 == 0 {
         format!("{}ms", d.as_millis())
+    } else {
+        format!("{}ns", d.as_nanos())
     }
 }
 

@@ -14,6 +14,7 @@ pub mod presence;
 pub mod registry;
 pub mod routes;
 pub mod server;
+pub mod sse_decode;
 pub mod status;
 pub mod token;
 

@@ -26,6 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
+use wavelog_worker::sse_decode::ChunkedSse;
 use wavelog_worker::token::{self, Claims};
 
 #[derive(Parser)]
@@ -870,6 +871,7 @@ impl Subscriber {
             .await
             .map_err(|e| e.to_string())?;
         let mut decoder = ChunkedSse::default();
+        let mut head = Vec::new();
         let mut buf = vec![0u8; 16 * 1024];
         let mut head_done = false;
         let mut connected = false;
@@ -885,22 +887,21 @@ impl Subscriber {
             }
             let mut data = &buf[..n];
             if !head_done {
-                decoder.head.extend_from_slice(data);
-                let Some(end) = decoder.head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                head.extend_from_slice(data);
+                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
                     continue;
                 };
-                if !decoder.head.starts_with(b"HTTP/1.1 200") {
+                if !head.starts_with(b"HTTP/1.1 200") {
                     return Err(format!(
                         "SSE refused: {}",
-                        String::from_utf8_lossy(&decoder.head[..end])
+                        String::from_utf8_lossy(&head[..end])
                     ));
                 }
-                let rest = decoder.head.split_off(end + 4);
-                decoder.raw.extend_from_slice(&rest);
+                decoder.feed(&head[end + 4..]);
                 head_done = true;
                 data = &[];
             }
-            decoder.raw.extend_from_slice(data);
+            decoder.feed(data);
             for block in decoder.blocks() {
                 if !connected {
                     // The first block (retry + position) means we are subscribed.
@@ -925,41 +926,6 @@ impl Subscriber {
                 }
             }
         }
-    }
-}
-
-/// Decodes a chunked SSE body into blocks (text up to a blank line).
-#[derive(Default)]
-struct ChunkedSse {
-    head: Vec<u8>,
-    raw: Vec<u8>,
-    body: Vec<u8>,
-}
-
-impl ChunkedSse {
-    fn blocks(&mut self) -> Vec<String> {
-        loop {
-            let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
-            let size = std::str::from_utf8(&self.raw[..line_end])
-                .ok()
-                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
-                .unwrap_or(0);
-            let need = line_end + 2 + size + 2;
-            if size == 0 || self.raw.len() < need {
-                break;
-            }
-            self.body
-                .extend_from_slice(&self.raw[line_end + 2..line_end + 2 + size]);
-            self.raw.drain(..need);
-        }
-        let mut out = Vec::new();
-        while let Some(end) = self.body.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = self.body.drain(..end + 2).collect();
-            out.push(String::from_utf8_lossy(&block[..end]).to_string());
-        }
-        out
     }
 }
 

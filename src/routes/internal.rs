@@ -247,7 +247,8 @@ struct MetaBody {
 /// Longest coalescing window accepted.
 const MAX_COALESCE_MS: u32 = 60_000;
 
-async fn register(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
+/// A `register` body: the topic and its meta (no `meta` = an open topic).
+pub fn parse_register(body: &[u8]) -> Result<(String, TopicMeta), ApiError> {
     let req: RegisterBody = serde_json::from_slice(body).map_err(bad_json)?;
     let topic = required_topic(req.topic)?;
     let meta = req.meta.unwrap_or_default();
@@ -256,15 +257,20 @@ async fn register(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
             "meta.coalesce_ms: at most {MAX_COALESCE_MS}"
         )));
     }
-    let meta_value = TopicMeta {
+    let meta = TopicMeta {
         require_token: meta.require_token,
         coalesce_ms: meta.coalesce_ms,
     };
+    Ok((topic, meta))
+}
+
+async fn register(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
+    let (topic, meta_value) = parse_register(body)?;
     if state.register_topic(&topic, meta_value).await.is_err() {
         state.metrics.limit_refusals.inc("max_topics");
         return Err(ApiError::Unavailable("too many topics (max_topics)"));
     }
-    tracing::debug!(topic = ?topic, require_token = meta.require_token, "topic registered");
+    tracing::debug!(topic = ?topic, require_token = meta_value.require_token, "topic registered");
     Ok(json(&serde_json::json!({ "status": "ok" })))
 }
 
@@ -274,9 +280,14 @@ struct TopicBody {
     topic: Option<String>,
 }
 
-async fn unregister(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
+/// An `unregister` body: the topic.
+pub fn parse_unregister(body: &[u8]) -> Result<String, ApiError> {
     let req: TopicBody = serde_json::from_slice(body).map_err(bad_json)?;
-    let topic = required_topic(req.topic)?;
+    required_topic(req.topic)
+}
+
+async fn unregister(body: &[u8], state: &AppState) -> Result<Response, ApiError> {
+    let topic = parse_unregister(body)?;
     state.unregister_topic(&topic).await;
     tracing::debug!(topic = ?topic, "topic unregistered");
     Ok(json(&serde_json::json!({ "status": "ok" })))
@@ -295,13 +306,19 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
-/// Publishes; the flag says whether coalescing held the event back.
-async fn publish(body: &[u8], state: &AppState) -> Result<(Response, bool), ApiError> {
+/// A `publish` body: the topic and the payload as the exact JSON text that arrived.
+pub fn parse_publish(body: &[u8]) -> Result<(String, &RawValue), ApiError> {
     let req: PublishBody<'_> = serde_json::from_slice(body).map_err(bad_json)?;
     let topic = required_topic(req.topic)?;
     let payload = req
         .payload
         .ok_or_else(|| ApiError::BadRequest("missing payload".into()))?;
+    Ok((topic, payload))
+}
+
+/// Publishes; the flag says whether coalescing held the event back.
+async fn publish(body: &[u8], state: &AppState) -> Result<(Response, bool), ApiError> {
+    let (topic, payload) = parse_publish(body)?;
     let meta = state
         .lookup_topic(&topic)
         .await

@@ -187,7 +187,7 @@ async fn open(
 /// The per-topic ids to resume after. A cursor holds one id per topic, comma-separated in the
 /// order of the URL; a single id applies to every topic; anything else resumes nothing
 /// (every topic gets `resync`).
-fn cursor_ids(cursor: Option<&str>, topics: usize) -> Vec<Option<String>> {
+pub fn cursor_ids(cursor: Option<&str>, topics: usize) -> Vec<Option<String>> {
     let Some(cursor) = cursor else {
         return vec![None; topics];
     };

@@ -250,16 +250,23 @@ impl End {
 }
 
 /// An inbound text frame; unknown fields are ignored.
-#[derive(Deserialize)]
-struct Inbound {
+#[derive(Debug, Deserialize)]
+pub struct Inbound {
     #[serde(rename = "type")]
-    kind: String,
+    pub kind: String,
     #[serde(default)]
-    token: Option<String>,
+    pub token: Option<String>,
     #[serde(default)]
-    topic: Option<String>,
+    pub topic: Option<String>,
     #[serde(default)]
-    last_event_id: Option<String>,
+    pub last_event_id: Option<String>,
+}
+
+impl Inbound {
+    /// Parses a client's text frame; `None` for anything that is not such a JSON object.
+    pub fn parse(text: &str) -> Option<Inbound> {
+        serde_json::from_str(text).ok()
+    }
 }
 
 struct Session {
@@ -345,8 +352,8 @@ impl Session {
                 Ok(Some(Ok(Message::Close(_)))) => return Err(End::PeerClosed),
                 Ok(Some(Ok(_))) => continue,
             };
-            let frame = match serde_json::from_str::<Inbound>(&text) {
-                Ok(f) if f.kind == "auth" => f,
+            let frame = match Inbound::parse(&text) {
+                Some(f) if f.kind == "auth" => f,
                 _ => {
                     self.state.metrics.auth_failures.inc("auth_required");
                     self.state.auth_throttle.failed(self.client);
@@ -493,7 +500,7 @@ impl Session {
 
     /// Handles a text frame after auth: subscribe/unsubscribe, token refresh, status requests.
     async fn on_text(&mut self, text: &str) -> Result<(), End> {
-        let Ok(frame) = serde_json::from_str::<Inbound>(text) else {
+        let Some(frame) = Inbound::parse(text) else {
             return Ok(());
         };
         match frame.kind.as_str() {
