@@ -61,7 +61,10 @@ mod tests {
 
     #[test]
     fn decodes_chunks_split_anywhere() {
-        let body = b"1c\r\nretry: 2000\nid: a-1\n\nid: a-2\n\r\n12\r\ndata: {\"x\":1}\n\n\r\n";
+        let mut body = Vec::new();
+        for chunk in ["retry: 2000\nid: a-1\n\nid: a-2\n", "data: {\"x\":1}\n\n"] {
+            body.extend(format!("{:x}\r\n{chunk}\r\n", chunk.len()).into_bytes());
+        }
         for split in 0..body.len() {
             let mut d = ChunkedSse::default();
             d.feed(&body[..split]);

@@ -239,3 +239,22 @@ async fn health_on_both_listeners_and_unknown_paths() {
         404
     );
 }
+
+#[tokio::test]
+async fn bodies_that_are_not_utf8_are_refused() {
+    // Found by fuzzing: invalid bytes inside a field the parser skips used to pass.
+    let t = start("").await;
+    register(&t, "qso.1", false).await;
+    let mut body = br#"{"topic":"qso.1","meta":"x"#.to_vec();
+    body.push(0xc7);
+    body.extend_from_slice(br#"y","payload":1}"#);
+    let a = http(
+        t.internal,
+        "POST",
+        "/internal/publish",
+        &[("X-Worker-Secret", SECRET)],
+        &body,
+    )
+    .await;
+    assert_eq!((a.status, a.body.as_str()), (400, "body is not UTF-8"));
+}
