@@ -28,9 +28,14 @@ pub async fn start(extra: &str) -> TestWorker {
 }
 
 pub async fn start_with_secret(secret: &str, extra: &str) -> TestWorker {
-    let text = format!(
-        "ws_bind = \"127.0.0.1\"\nws_port = 0\ninternal_port = 0\nworker_secret = \"{secret}\"\n{extra}"
-    );
+    // Loopback unless the test binds elsewhere.
+    let bind = if extra.contains("ws_bind") {
+        ""
+    } else {
+        "ws_bind = \"127.0.0.1\"\n"
+    };
+    let text =
+        format!("{bind}ws_port = 0\ninternal_port = 0\nworker_secret = \"{secret}\"\n{extra}");
     let config = Config::from_toml(&text, &|_| None).expect("test config is valid");
     let worker = wavelog_worker::start(config).await.expect("worker starts");
     TestWorker {

@@ -378,3 +378,164 @@ async fn ten_thousand_silent_sockets_are_closed_and_memory_returns() {
         "memory returns to baseline: {baseline} KiB before, {after} KiB after"
     );
 }
+
+/// Runs `ip` with `args`, failing the test on error.
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("ip runs");
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// A test host: a network namespace of our own, joined to this one by a veth pair.
+struct TestHost {
+    ns: String,
+    veth: String,
+    host_addr: String,
+    child: Option<std::process::Child>,
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// A peer that vanishes without FIN or RST (its link goes down): found by the ping/idle
+/// timeout. The client lives in a network namespace of the test's own, so cutting its link
+/// drops packets instead of closing the connection.
+#[tokio::test]
+async fn a_half_open_peer_is_detected_by_the_idle_timeout() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root || require_tool("ip").is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with iproute2"
+        );
+        eprintln!("SKIPPED: needs root and `ip` to make a network namespace");
+        return;
+    }
+    let id = std::process::id() % 250 + 1;
+    let mut host = TestHost {
+        ns: format!("wwho{}", std::process::id()),
+        veth: format!("wwa{}", std::process::id()),
+        host_addr: format!("10.231.{id}.1"),
+        child: None,
+    };
+    let peer = format!("wwb{}", std::process::id());
+    let client_addr = format!("10.231.{id}.2");
+    ip(&["netns", "add", &host.ns]);
+    ip(&[
+        "link", "add", &host.veth, "type", "veth", "peer", "name", &peer,
+    ]);
+    ip(&["link", "set", &peer, "netns", &host.ns]);
+    ip(&[
+        "addr",
+        "add",
+        &format!("{}/30", host.host_addr),
+        "dev",
+        &host.veth,
+    ]);
+    ip(&["link", "set", &host.veth, "up"]);
+    ip(&[
+        "netns",
+        "exec",
+        &host.ns,
+        "ip",
+        "addr",
+        "add",
+        &format!("{client_addr}/30"),
+        "dev",
+        &peer,
+    ]);
+    ip(&["netns", "exec", &host.ns, "ip", "link", "set", &peer, "up"]);
+
+    let t = start(&format!(
+        "ws_bind = \"{}\"\nping_interval = \"300ms\"\nidle_timeout = \"1s\"",
+        host.host_addr
+    ))
+    .await;
+    register(&t, "qso.1", false).await;
+    // The client: a small Python WebSocket client that authenticates and answers every ping.
+    let script = r#"
+import os, socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET /ws?topic=qso.1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    head += s.recv(1)
+def send(op, payload):
+    mask = os.urandom(4)
+    s.sendall(bytes([0x80 | op, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+def recv_exact(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            sys.exit(0)
+        b += c
+    return b
+send(1, b'{"type":"auth","token":"x"}')
+while True:
+    op, ln = recv_exact(2)
+    ln &= 0x7f
+    if ln == 126:
+        ln = struct.unpack(">H", recv_exact(2))[0]
+    payload = recv_exact(ln)
+    if op & 0x0f == 9:
+        send(10, payload)
+"#;
+    let python = require_tool("python3").expect("python3 is on the machine image");
+    host.child = Some(
+        Command::new("ip")
+            .args(["netns", "exec", &host.ns])
+            .arg(python)
+            .args(["-c", script, &host.host_addr, &t.public.port().to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the client to be authenticated", || async {
+        status(&t, "").await["connected_sockets"] == 1
+    })
+    .await;
+    // While the client answers pings it stays, well past the idle timeout.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        status(&t, "").await["connected_sockets"],
+        1,
+        "a live peer stays"
+    );
+
+    // The peer vanishes: no FIN, no RST, just silence.
+    ip(&["link", "set", &host.veth, "down"]);
+    eventually("the half-open socket to be dropped", || async {
+        status(&t, "").await["connected_sockets"] == 0
+    })
+    .await;
+    let bearer = format!("Bearer {}", t.secret);
+    eventually("the close to be counted as an idle timeout", || async {
+        let m = http(
+            t.internal,
+            "GET",
+            "/metrics",
+            &[("Authorization", &bearer)],
+            b"",
+        )
+        .await
+        .body;
+        m.contains("wavelog_worker_websocket_disconnects_total{reason=\"idle_timeout\"} 1")
+    })
+    .await;
+}
