@@ -534,3 +534,50 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Waits until one line of the worker's `/metrics` is `sample` (e.g. `name{label="x"} 1`).
+pub async fn eventually_metric(t: &TestWorker, sample: &str) {
+    let bearer = format!("Bearer {}", t.secret);
+    eventually(sample, || async {
+        let m = http(
+            t.internal,
+            "GET",
+            "/metrics",
+            &[("Authorization", &bearer)],
+            b"",
+        )
+        .await
+        .body;
+        m.lines().any(|l| l == sample)
+    })
+    .await;
+}
+
+/// Reads `n` pushes from every socket and checks that all saw the same events in the same
+/// order, and that this order is the order of the event ids. Returns (id, payload) pairs.
+pub async fn one_order_everywhere(subs: &mut [Ws], n: usize) -> Vec<(String, String)> {
+    let mut orders = Vec::new();
+    for ws in subs.iter_mut() {
+        let mut seen = Vec::new();
+        for _ in 0..n {
+            let v = next_json(ws).await;
+            seen.push((
+                v["id"].as_str().unwrap().to_string(),
+                v["payload"].as_str().unwrap().to_string(),
+            ));
+        }
+        orders.push(seen);
+    }
+    for o in &orders[1..] {
+        assert_eq!(o, &orders[0], "every subscriber sees the same order");
+    }
+    let seqs: Vec<u64> = orders[0]
+        .iter()
+        .map(|(id, _)| id.rsplit('-').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "delivery order is id order: {seqs:?}"
+    );
+    orders.swap_remove(0)
+}

@@ -524,18 +524,9 @@ while True:
         status(&t, "").await["connected_sockets"] == 0
     })
     .await;
-    let bearer = format!("Bearer {}", t.secret);
-    eventually("the close to be counted as an idle timeout", || async {
-        let m = http(
-            t.internal,
-            "GET",
-            "/metrics",
-            &[("Authorization", &bearer)],
-            b"",
-        )
-        .await
-        .body;
-        m.contains("wavelog_worker_websocket_disconnects_total{reason=\"idle_timeout\"} 1")
-    })
+    eventually_metric(
+        &t,
+        "wavelog_worker_websocket_disconnects_total{reason=\"idle_timeout\"} 1",
+    )
     .await;
 }

@@ -213,32 +213,10 @@ async fn all_subscribers_see_one_order_under_concurrent_publishes() {
     for p in publishers {
         p.await.unwrap();
     }
-    let mut orders = Vec::new();
-    for ws in &mut subs {
-        let mut seen = Vec::new();
-        for _ in 0..320 {
-            let v = next_json(ws).await;
-            seen.push((
-                v["id"].as_str().unwrap().to_string(),
-                v["payload"].as_str().unwrap().to_string(),
-            ));
-        }
-        orders.push(seen);
-    }
-    for o in &orders[1..] {
-        assert_eq!(o, &orders[0], "every subscriber sees the same order");
-    }
-    let seqs: Vec<u64> = orders[0]
-        .iter()
-        .map(|(id, _)| id.rsplit('-').next().unwrap().parse().unwrap())
-        .collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "ids increase in delivery order"
-    );
+    let order = one_order_everywhere(&mut subs, 320).await;
     // Each publisher's own events keep their order.
     for p in 0..8 {
-        let mine: Vec<&String> = orders[0]
+        let mine: Vec<&String> = order
             .iter()
             .map(|(_, v)| v)
             .filter(|v| v.starts_with(&format!("{p}-")))
@@ -262,19 +240,10 @@ async fn inbound_frames_over_4_kib_close_the_socket() {
     );
     ws.send(Message::text("x".repeat(5000))).await.unwrap();
     assert_eq!(close_code(&mut ws).await, Some(1009));
-    let bearer = format!("Bearer {}", t.secret);
-    eventually("the close to be counted", || async {
-        let m = http(
-            t.internal,
-            "GET",
-            "/metrics",
-            &[("Authorization", &bearer)],
-            b"",
-        )
-        .await
-        .body;
-        m.contains("wavelog_worker_websocket_disconnects_total{reason=\"frame_too_large\"} 1")
-    })
+    eventually_metric(
+        &t,
+        "wavelog_worker_websocket_disconnects_total{reason=\"frame_too_large\"} 1",
+    )
     .await;
 }
 
@@ -367,19 +336,10 @@ async fn server_pings_and_closes_idle_sockets() {
     // A client that stops reading (so never pongs) is closed after idle_timeout.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(close_code(&mut ws).await, Some(1000));
-    let bearer = format!("Bearer {}", t.secret);
-    eventually("the idle close to be counted", || async {
-        let m = http(
-            t.internal,
-            "GET",
-            "/metrics",
-            &[("Authorization", &bearer)],
-            b"",
-        )
-        .await
-        .body;
-        m.contains("wavelog_worker_websocket_disconnects_total{reason=\"idle_timeout\"} 1")
-    })
+    eventually_metric(
+        &t,
+        "wavelog_worker_websocket_disconnects_total{reason=\"idle_timeout\"} 1",
+    )
     .await;
 }
 
