@@ -36,6 +36,7 @@ use crate::hub::{lock, Hub, Published, CLUSTER_SCALE};
 use crate::metrics::Metrics;
 use crate::registry::{TopicMeta, STATUS_TOPIC};
 use crate::server::Shutdown;
+use crate::token::random_hex;
 
 pub const EVENTS_CHANNEL: &str = "wavelog:events";
 /// Our own channel for registry invalidation and targeted resyncs (Go nodes ignore it).
@@ -626,18 +627,4 @@ impl Cluster {
             .await
             .map_or(0, |(_, n)| n)
     }
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    if getrandom::getrandom(&mut buf).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (nanos >> ((i % 8) * 8)) as u8;
-        }
-    }
-    crate::token::hex_encode(&buf)
 }

@@ -149,7 +149,8 @@ impl Hub {
     ) -> Arc<Self> {
         Arc::new(Hub {
             metrics,
-            epoch: RwLock::new(Arc::from(new_epoch())),
+            // A short random name for this run, so ids from an earlier run are recognised as foreign.
+            epoch: RwLock::new(Arc::from(crate::token::random_hex(4))),
             scale: scale.max(1),
             next_seq: AtomicU64::new(1),
             capacity: capacity.max(1),
@@ -288,11 +289,7 @@ impl Hub {
             }
             state.coalesce.window_end = Some(now + window);
         }
-        let (seq, receivers) = self.deliver(&topic, &mut state, payload, seq);
-        Published {
-            id: Some(self.format_id(seq)),
-            receivers,
-        }
+        self.deliver(&topic, &mut state, payload, seq)
     }
 
     /// The topic a publish goes to, created when history is kept; `None` when the event has
@@ -326,21 +323,17 @@ impl Hub {
     }
 
     /// Assigns the id, keeps the event in history and hands it to subscribers, all under the
-    /// topic lock.
+    /// topic lock. The id is formatted once, for the frame and the publish answer alike.
     fn deliver(
         &self,
         topic: &Topic,
         state: &mut TopicState,
         payload: &str,
         seq: Option<u64>,
-    ) -> (u64, usize) {
+    ) -> Published {
         let seq = seq.unwrap_or_else(|| self.next_seq.fetch_add(1, Ordering::AcqRel));
-        let frame = Arc::new(build_frame(
-            &topic.topic_json,
-            &self.format_id(seq),
-            seq,
-            payload,
-        ));
+        let id = self.format_id(seq);
+        let frame = Arc::new(build_frame(&topic.topic_json, &id, seq, payload));
         self.remember(state, &frame);
         let receivers = match &state.sender {
             Some(sender) => sender.send(Delivery::Event(frame)).unwrap_or(0),
@@ -349,7 +342,10 @@ impl Hub {
         self.metrics
             .deliveries
             .fetch_add(receivers as u64, Ordering::Relaxed);
-        (seq, receivers)
+        Published {
+            id: Some(id),
+            receivers,
+        }
     }
 
     /// Adds `frame` to the topic's history within the limits, moving the floor past whatever
@@ -576,19 +572,6 @@ pub fn sse_data(text: &str) -> Bytes {
     }
     out.push('\n');
     Bytes::from(out)
-}
-
-/// A short random name for this run, so ids from an earlier run are recognised as foreign.
-fn new_epoch() -> String {
-    let mut bytes = [0u8; 4];
-    if getrandom::getrandom(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        bytes = nanos.to_le_bytes();
-    }
-    crate::token::hex_encode(&bytes)
 }
 
 /// Locks a mutex, recovering from poisoning: our critical sections leave data consistent.

@@ -9,12 +9,12 @@ pub mod config;
 pub mod duration;
 pub mod hub;
 pub mod limits;
+pub mod loadtools;
 pub mod metrics;
 pub mod presence;
 pub mod registry;
 pub mod routes;
 pub mod server;
-pub mod sse_decode;
 pub mod status;
 pub mod token;
 

@@ -71,10 +71,6 @@ impl ConnectionLimits {
             ip,
         })
     }
-
-    pub fn total(&self) -> usize {
-        self.inner.total.load(Ordering::Acquire)
-    }
 }
 
 impl Drop for Permit {

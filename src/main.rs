@@ -137,14 +137,11 @@ fn make_token(path: &std::path::Path, topic: &str, user_id: i64, ttl: &str) -> E
             return ExitCode::from(2);
         }
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = wavelog_worker::access::unix_now();
     let claims = token::Claims {
         user_id,
         topic: topic.to_string(),
-        expires: (now + ttl.as_secs()) as i64,
+        expires: now + ttl.as_secs() as i64,
     };
     println!("{}", token::sign(config.worker_secret.expose(), &claims));
     ExitCode::SUCCESS

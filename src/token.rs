@@ -139,6 +139,22 @@ fn decode_part(part: &str) -> Option<Vec<u8>> {
     hex_decode(part).or_else(|| URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok())
 }
 
+/// `bytes` random bytes as lowercase hex (secrets, epochs, node ids). Falls back to the clock
+/// only if the OS has no randomness to give, which no supported platform lacks.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    if getrandom::getrandom(&mut buf).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (nanos >> ((i % 8) * 8)) as u8;
+        }
+    }
+    hex_encode(&buf)
+}
+
 pub fn hex_encode(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);

@@ -26,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
-use wavelog_worker::sse_decode::ChunkedSse;
+use wavelog_worker::loadtools::{cpu_ns, free_port, raise_fd_limit, rss_kib, ChunkedSse};
 use wavelog_worker::token::{self, Claims};
 
 #[derive(Parser)]
@@ -161,22 +161,6 @@ fn main() {
     }
 }
 
-/// Raises this process's open-file soft limit to the hard limit (inherited by the workers we
-/// start). The hard limit here is 20,000 and cannot be raised.
-fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// CPU time (all threads, ns) and RSS (KiB) of a process, from /proc.
 #[derive(Clone, Copy, Debug, Default)]
 struct Usage {
@@ -185,28 +169,10 @@ struct Usage {
 }
 
 fn usage(pid: u32) -> Usage {
-    let mut cpu_ns = 0;
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) {
-                cpu_ns += text
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
+    Usage {
+        cpu_ns: cpu_ns(pid),
+        rss_kib: rss_kib(pid),
     }
-    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0);
-    Usage { cpu_ns, rss_kib }
 }
 
 fn usages(pids: &[u32]) -> Usage {
@@ -239,12 +205,6 @@ impl Drop for TempConfig {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Starts one worker on free ports; retries with other ports if it could not bind (another

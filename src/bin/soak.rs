@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use wavelog_worker::sse_decode::{fields, ChunkedSse};
+use wavelog_worker::loadtools::{fd_count, fields, free_port, raise_fd_limit, rss_kib, ChunkedSse};
 use wavelog_worker::token::{self, Claims};
 
 #[derive(Parser, Clone)]
@@ -80,17 +80,7 @@ struct Run {
 
 fn main() {
     let args = Args::parse();
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -115,13 +105,6 @@ fn main() {
             std::process::exit(1);
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
 }
 
 fn start_worker(bin: &PathBuf, config: &PathBuf) -> Result<Child, String> {
@@ -154,22 +137,6 @@ async fn request(addr: SocketAddr, path: &str, secret: &str, body: &str) -> Opti
         .ok()
 }
 
-fn proc_usage(pid: u32) -> (u64, usize) {
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    (rss, fds)
-}
-
 async fn soak(args: Args) -> Result<Value, String> {
     let bin = match &args.worker_bin {
         Some(b) => b.clone(),
@@ -178,7 +145,10 @@ async fn soak(args: Args) -> Result<Value, String> {
             .with_file_name("wavelog-worker"),
     };
     let secret = format!("soak-secret-{:032x}", std::process::id() as u128 * 7919);
-    let (public_port, internal_port) = (free_port(), free_port());
+    let (public_port, internal_port) = (
+        free_port().map_err(|e| e.to_string())?,
+        free_port().map_err(|e| e.to_string())?,
+    );
     let config = std::env::temp_dir().join(format!("soak-{}.toml", std::process::id()));
     std::fs::write(
         &config,
@@ -217,7 +187,7 @@ async fn soak(args: Args) -> Result<Value, String> {
     while Instant::now() < deadline {
         if Instant::now() >= next_sample {
             let pid = child.lock().map(|c| c.id()).unwrap_or(0);
-            let (rss, fds) = proc_usage(pid);
+            let (rss, fds) = (rss_kib(pid), fd_count(pid));
             let t = run.start.elapsed().as_secs();
             eprintln!(
                 "t={t}s rss={rss}KiB fds={fds} received={}",

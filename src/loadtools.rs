@@ -1,5 +1,6 @@
-//! A small decoder for a chunked `text/event-stream` response body, as the load tools read it
-//! (`fanout-bench`, `soak`). The worker itself never parses SSE.
+//! Helpers shared by the load tools (`fanout-bench`, `soak`): a decoder for a chunked
+//! `text/event-stream` body (the worker itself never parses SSE), and process figures from
+//! /proc. Not used by the worker.
 
 /// Feed it the bytes after the response head; it yields complete event blocks.
 #[derive(Default)]
@@ -53,6 +54,61 @@ pub fn fields(block: &str) -> (Option<&str>, Option<&str>, Option<&str>) {
         }
     }
     (id, data, event)
+}
+
+/// Raises this process's open-file soft limit to its hard limit (inherited by the workers the
+/// tools start). The hard limit on our machines is 20,000 and cannot be raised.
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Resident memory of a process, KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time of all a process's threads, ns (`/proc/<pid>/task/*/schedstat`).
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 #[cfg(test)]
