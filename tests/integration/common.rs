@@ -48,22 +48,15 @@ pub async fn start_with_secret(secret: &str, extra: &str) -> TestWorker {
 
 /// A whole HTTP answer.
 #[derive(Debug)]
-#[allow(dead_code)] // `head` is read by the SSE tests
 pub struct Answer {
     pub status: u16,
     pub head: String,
     pub body: String,
 }
 
-#[allow(dead_code)]
 impl Answer {
     pub fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
+        header_value(&self.head, name)
     }
 
     pub fn json(&self) -> Value {
@@ -110,6 +103,16 @@ pub async fn read_answer(mut stream: TcpStream) -> Answer {
         head: head.to_string(),
         body: body.to_string(),
     }
+}
+
+/// A header's value from a response head (status line first).
+fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
 }
 
 /// POST to the internal API with the secret.
@@ -376,12 +379,7 @@ impl SseClient {
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
+        header_value(&self.head, name)
     }
 
     async fn read_more(&mut self) -> bool {
