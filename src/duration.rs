@@ -65,7 +65,7 @@ pub fn format_go(d: Duration) -> String {
 pub fn format_precise(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
         format_go(d)
-    } else if d.subsec_nanos() % 1_000_000 == 0 {
+    } else if d.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
     } else {
         format!("{}ns", d.as_nanos())

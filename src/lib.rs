@@ -7,6 +7,7 @@ pub mod access;
 pub mod cluster;
 pub mod config;
 pub mod duration;
+pub mod http1;
 pub mod hub;
 pub mod limits;
 pub mod loadtools;
@@ -224,12 +225,14 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
         tokio::spawn(server::serve(
             public,
             routes::public(state.clone()),
+            Some(routes::streams(state.clone())),
             state.config.header_timeout,
             shutdown.clone(),
         )),
         tokio::spawn(server::serve(
             internal,
             routes::internal(state.clone()),
+            None,
             state.config.header_timeout,
             shutdown.clone(),
         )),

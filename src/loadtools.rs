@@ -16,10 +16,7 @@ impl ChunkedSse {
 
     /// Blocks (the text up to a blank line) completed so far.
     pub fn blocks(&mut self) -> Vec<String> {
-        loop {
-            let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") {
             let size = std::str::from_utf8(&self.raw[..line_end])
                 .ok()
                 .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())

@@ -83,11 +83,11 @@ impl Registry {
         match topics.get_mut(topic) {
             Some(existing) => *existing = entry,
             None => {
-                if topics.len() >= self.max_topics + 1 {
+                if topics.len() > self.max_topics {
                     // Full: make room from expired entries before refusing.
                     let now = Instant::now();
                     topics.retain(|_, e| e.alive(now));
-                    if topics.len() >= self.max_topics + 1 {
+                    if topics.len() > self.max_topics {
                         return Err(RegistryFull);
                     }
                 }

@@ -9,11 +9,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Notify};
+
+use crate::http1::{Conn, First, Head, MAX_HEADERS, MAX_HEAD_BYTES};
 
 /// A listener's whole filter tree, boxed so both listeners share one serving loop.
 pub type Routes = warp::filters::BoxedFilter<(warp::reply::Response,)>;
@@ -22,10 +25,10 @@ pub type Routes = warp::filters::BoxedFilter<(warp::reply::Response,)>;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// Largest request head (request line and headers) a client may send; more is answered 431.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// Most headers in one request.
-const MAX_HEADERS: usize = 64;
+/// Serves a connection whose first request opens a stream (see [`crate::http1`]). Returns the
+/// connection when the client may send another request (after a refusal), for hyper to serve.
+pub type StreamHandler =
+    Arc<dyn Fn(Head, Conn, SocketAddr) -> BoxFuture<'static, Option<Conn>> + Send + Sync>;
 
 /// Resolves `bind` + `port` and listens. An empty bind means all interfaces (IPv6 and IPv4
 /// where the host has IPv6, IPv4 only otherwise).
@@ -128,12 +131,14 @@ impl Drop for Tracked {
     }
 }
 
-/// Accepts connections on `listener` and serves `filter` until shutdown.
-/// Accepts connections on `listener` and serves `filter` until shutdown; a client gets
-/// `header_timeout` to send its request head (slow-loris clients are cut off).
+/// Accepts connections on `listener` and serves them until shutdown: a connection that opens
+/// a stream with its first request goes to `streams`, everything else to `filter` through
+/// hyper. A client gets `header_timeout` to send its request head (slow-loris clients are cut
+/// off).
 pub async fn serve(
     listener: TcpListener,
     filter: Routes,
+    streams: Option<StreamHandler>,
     header_timeout: Duration,
     mut shutdown: Shutdown,
 ) {
@@ -148,14 +153,21 @@ pub async fn serve(
                 accept_error_logged = false;
                 let _ = stream.set_nodelay(true);
                 let filter = filter.clone();
+                let streams = streams.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(serve_connection(
-                    stream,
-                    peer,
-                    filter,
-                    header_timeout,
-                    shutdown,
-                ));
+                tokio::spawn(async move {
+                    let conn = match streams {
+                        Some(streams) => {
+                            let first = first_request(stream, peer, streams, header_timeout);
+                            match Box::pin(first).await {
+                                Some(conn) => conn,
+                                None => return,
+                            }
+                        }
+                        None => Conn::new(stream),
+                    };
+                    Box::pin(serve_http(conn, peer, filter, header_timeout, shutdown)).await
+                });
             }
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning, and say it once.
@@ -169,8 +181,23 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection(
+/// Reads the first request head and hands a stream request to `streams`. Returns the
+/// connection when hyper is to serve it (or serve on).
+async fn first_request(
     stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    streams: StreamHandler,
+    header_timeout: Duration,
+) -> Option<Conn> {
+    match crate::http1::read_first(stream, header_timeout).await {
+        First::Gone => None,
+        First::Other(conn) => Some(conn),
+        First::Stream(head, conn) => streams(head, conn, peer).await,
+    }
+}
+
+async fn serve_http(
+    stream: Conn,
     peer: SocketAddr,
     filter: Routes,
     header_timeout: Duration,

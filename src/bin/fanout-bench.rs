@@ -804,11 +804,7 @@ impl Subscriber {
             };
             let Some(msg) = msg else { break };
             match msg.map_err(|e| e.to_string())? {
-                Message::Text(t) => {
-                    if seen.frame(&t, &self.shared, self.expect) {
-                        self.done(seen);
-                    }
-                }
+                Message::Text(t) if seen.frame(&t, &self.shared, self.expect) => self.done(seen),
                 Message::Close(_) => break,
                 _ => {}
             }

@@ -9,7 +9,7 @@
 //! RSS and open file descriptors are sampled every `--sample-secs`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -107,7 +107,7 @@ fn main() {
     }
 }
 
-fn start_worker(bin: &PathBuf, config: &PathBuf) -> Result<Child, String> {
+fn start_worker(bin: &Path, config: &Path) -> Result<Child, String> {
     Command::new(bin)
         .args(["--config", config.to_str().unwrap_or("")])
         .env("RUST_LOG", "warn")
@@ -314,7 +314,7 @@ async fn client(run: Arc<Run>, n: usize, stayer: bool) {
             check.reconnected();
         }
         first = false;
-        let session = if n % 2 == 0 {
+        let session = if n.is_multiple_of(2) {
             ws_session(&run, &topic, &token, &mut last_id, &mut check, stay_for).await
         } else {
             sse_session(&run, &topic, &token, &mut last_id, &mut check, stay_for).await

@@ -12,8 +12,9 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
 
+use crate::http1::Target;
 use crate::limits::{LimitHit, Permit};
-use crate::server::Routes;
+use crate::server::{Routes, StreamHandler};
 use crate::AppState;
 
 /// Every way a request can fail, mapped to its HTTP answer in `into_response`.
@@ -98,6 +99,21 @@ pub fn public(state: Arc<AppState>) -> Routes {
         })
         .unify()
         .boxed()
+}
+
+/// `/ws` and `/sse` when they are a connection's first request (nearly always: browsers open
+/// a fresh connection for each), served without hyper; see [`crate::http1`]. The same routes
+/// in `public` serve them on a connection hyper already serves.
+pub fn streams(state: Arc<AppState>) -> StreamHandler {
+    Arc::new(move |head, conn, peer| {
+        let state = state.clone();
+        Box::pin(async move {
+            match head.target {
+                Target::WebSocket => ws::take_over(state, head, conn, peer).await,
+                Target::Sse => sse::take_over(state, head, conn, peer).await,
+            }
+        })
+    })
 }
 
 /// The internal listener: `/internal/*`, `/metrics`, `/healthz`, `/readyz`.

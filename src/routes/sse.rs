@@ -3,21 +3,23 @@
 //!
 //! Every refusal is a plain HTTP answer before the stream starts (400, 401, 403, 404), with CORS
 //! headers so the JS client's `fetch` probe can read the status EventSource hides. The stream
-//! itself is a hand-written `Stream` polled by hyper's connection task: no task or channel per
-//! client, and a push costs two shared `Bytes` chunks (`id:` line and `data:` lines, both
-//! serialized once per publish).
+//! itself is a hand-written `Stream`: a push costs two shared `Bytes` chunks (`id:` line and
+//! `data:` lines, both serialized once per publish). As a connection's first request (the usual
+//! case) it is written by `pump`, in a task of its own, several queued chunks per `writev`; on
+//! a connection hyper already serves, hyper polls it.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::{Future, Stream};
+use futures_util::{Future, FutureExt, Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Interval, Sleep};
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamMap;
@@ -27,6 +29,7 @@ use warp::{Filter, Reply};
 use super::ws::spread;
 use super::{admit, origin_of, query_pairs, query_raw, with_state, ApiError};
 use crate::access::{self, Denied};
+use crate::http1::{self, Conn, Framing, Head};
 use crate::hub::{sse_data, Delivery, Replay, Subscription};
 use crate::limits::Permit;
 use crate::metrics::{ConnectionGauge, Metrics, Transport};
@@ -50,25 +53,140 @@ pub fn route(
              headers: HeaderMap,
              peer: PeerAddr,
              state: Arc<AppState>| async move {
-                let origin = match origin_of(&state, &headers) {
-                    Ok(origin) => origin,
-                    Err(e) => return e.into_response(),
-                };
-                let mut res = match method {
-                    Method::GET => open(&query, &headers, peer, state)
-                        .await
-                        .unwrap_or_else(ApiError::into_response),
-                    Method::OPTIONS => preflight(),
-                    _ => ApiError::MethodNotAllowed("GET, OPTIONS").into_response(),
-                };
-                if let Some(origin) = origin {
-                    let h = res.headers_mut();
-                    h.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-                    h.insert(http::header::VARY, HeaderValue::from_static("Origin"));
+                match respond(method, &query, &headers, peer.0, &state).await {
+                    Answer::Plain(res) => res,
+                    // On a connection hyper already serves: hyper polls the stream.
+                    Answer::Stream(head, stream) => {
+                        let mut res = warp::reply::stream(stream).into_response();
+                        res.headers_mut().extend(head);
+                        res
+                    }
                 }
-                res
             },
         )
+}
+
+/// A `/sse` request as a connection's first request: answered and streamed right here, in
+/// the connection's task, without hyper's buffers (see [`crate::http1`]).
+pub async fn take_over(
+    state: Arc<AppState>,
+    head: Head,
+    mut conn: Conn,
+    peer: SocketAddr,
+) -> Option<Conn> {
+    match respond(Method::GET, &head.query, &head.headers, peer, &state).await {
+        Answer::Plain(res) => http1::answer(conn, res, head.keep_alive).await,
+        Answer::Stream(headers, stream) => {
+            let mut res = http::Response::new(());
+            *res.headers_mut() = headers;
+            let bytes = http1::head_bytes(&res, Framing::Chunked, true);
+            drop((head, res));
+            if conn.write_all(&bytes).await.is_ok() {
+                // A task sized for the stream alone: the request's state is freed with this one.
+                tokio::spawn(pump(conn, stream));
+            }
+            None
+        }
+    }
+}
+
+/// Writes the stream's chunks as they come (several in one `writev` when they queue up) until
+/// the stream ends (shutdown) or the client goes away.
+async fn pump(mut conn: Conn, mut stream: EventStream) {
+    let mut batch: Vec<Bytes> = Vec::new();
+    // An SSE client has nothing to say; reading only notices when it leaves.
+    let mut discard = [0u8; 32];
+    loop {
+        tokio::select! {
+            biased;
+            chunk = stream.next() => {
+                let Some(Ok(chunk)) = chunk else {
+                    let _ = conn.write_all(http1::LAST_CHUNK).await;
+                    return;
+                };
+                batch.push(chunk);
+                while batch.len() < http1::MAX_PARTS {
+                    match stream.next().now_or_never() {
+                        Some(Some(Ok(chunk))) => batch.push(chunk),
+                        _ => break,
+                    }
+                }
+                if http1::write_chunk(&mut conn, &batch).await.is_err() {
+                    return;
+                }
+                batch.clear();
+                // Keep room for one event (id and data) between bursts, no more.
+                batch.shrink_to(4);
+            }
+            read = conn.read(&mut discard) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What a `/sse` request gets: a plain answer, or the stream with its response headers.
+/// (Short-lived, and the stream is moved into its task whole: no point boxing it.)
+#[allow(clippy::large_enum_variant)]
+enum Answer {
+    Plain(Response),
+    Stream(HeaderMap, EventStream),
+}
+
+impl Answer {
+    fn headers_mut(&mut self) -> &mut HeaderMap {
+        match self {
+            Answer::Plain(res) => res.headers_mut(),
+            Answer::Stream(headers, _) => headers,
+        }
+    }
+}
+
+async fn respond(
+    method: Method,
+    query: &str,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    state: &Arc<AppState>,
+) -> Answer {
+    let origin = match origin_of(state, headers) {
+        Ok(origin) => origin,
+        Err(e) => return Answer::Plain(e.into_response()),
+    };
+    let mut answer = match method {
+        Method::GET => match open(query, headers, peer, state).await {
+            Ok(stream) => Answer::Stream(stream_headers(), stream),
+            Err(e) => Answer::Plain(e.into_response()),
+        },
+        Method::OPTIONS => Answer::Plain(preflight()),
+        _ => Answer::Plain(ApiError::MethodNotAllowed("GET, OPTIONS").into_response()),
+    };
+    if let Some(origin) = origin {
+        let h = answer.headers_mut();
+        h.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(http::header::VARY, HeaderValue::from_static("Origin"));
+    }
+    answer
+}
+
+fn stream_headers() -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(4);
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("keep-alive"),
+    );
+    h
 }
 
 /// EventSource itself never preflights, but a reconnect carrying `Last-Event-ID` through some
@@ -132,9 +250,9 @@ fn parse_request(query: &str, headers: &HeaderMap) -> Result<Request, ApiError> 
 async fn open(
     query: &str,
     headers: &HeaderMap,
-    peer: PeerAddr,
-    state: Arc<AppState>,
-) -> Result<Response, ApiError> {
+    peer: SocketAddr,
+    state: &Arc<AppState>,
+) -> Result<EventStream, ApiError> {
     let req = parse_request(query, headers)?;
     let limit = state.config.max_topics_per_connection;
     if req.topics.len() > limit {
@@ -143,10 +261,10 @@ async fn open(
         )));
     }
     // The slot (and the failed-authentication throttle) before any token is looked at.
-    let (permit, client) = admit(&state, headers, peer.0)?;
+    let (permit, client) = admit(state, headers, peer)?;
     let mut user_id = 0;
     for (topic, token) in &req.topics {
-        match access::lookup_and_grant(&state, topic, token).await {
+        match access::lookup_and_grant(state, topic, token).await {
             Ok((_, grant)) => {
                 if user_id == 0 {
                     user_id = grant.user_id;
@@ -164,24 +282,14 @@ async fn open(
         }
     }
     let resume = cursor_ids(req.last_event_id.as_deref(), req.topics.len());
-    let stream = EventStream::open(&state, &req.topics, resume, user_id, client, permit);
-
-    let mut res = warp::reply::stream(stream).into_response();
-    let h = res.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, no-transform"),
-    );
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    h.insert(
-        http::header::CONNECTION,
-        HeaderValue::from_static("keep-alive"),
-    );
-    Ok(res)
+    Ok(EventStream::open(
+        state,
+        &req.topics,
+        resume,
+        user_id,
+        client,
+        permit,
+    ))
 }
 
 /// The per-topic ids to resume after. A cursor holds one id per topic, comma-separated in the

@@ -5,17 +5,18 @@
 //! After the first auth, `subscribe`/`unsubscribe` frames add and remove more topics.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_stream::StreamMap;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -29,15 +30,15 @@ use warp::Filter;
 
 use super::{admit, origin_of, query_pairs, query_raw, with_state, ApiError};
 use crate::access::{self, Denied, Grant};
+use crate::http1::{self, has_token, Conn, Framing, Head};
 use crate::hub::{Delivery, Replay, Subscription};
+use crate::limits::Permit;
 use crate::metrics::Transport;
 use crate::registry::{TopicMeta, STATUS_TOPIC};
 use crate::server::PeerAddr;
 use crate::status::Status;
 use crate::token::TokenError;
 use crate::AppState;
-
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Largest inbound frame; anything bigger closes the socket (1009).
 const MAX_INBOUND: usize = 4 * 1024;
@@ -59,16 +60,16 @@ pub fn route(
         .and(with_state(state))
         .then(
             |method, query: String, headers, peer: PeerAddr, upgrade, state| async move {
-                handshake(method, &query, &headers, peer, upgrade, state)
+                upgrade_in_hyper(method, &query, &headers, peer, upgrade, state)
                     .await
                     .unwrap_or_else(ApiError::into_response)
             },
         )
 }
 
-/// Checks the request before the upgrade: 405, 403 (origin), 400 (no topic), 404 (unknown
-/// topic), 426 (not an upgrade).
-async fn handshake(
+/// An upgrade request on a connection hyper serves: the socket arrives through hyper's
+/// upgrade hand-over, in a task of its own.
+async fn upgrade_in_hyper(
     method: Method,
     query: &str,
     headers: &HeaderMap,
@@ -76,10 +77,90 @@ async fn handshake(
     upgrade: Option<OnUpgrade>,
     state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
+    let accepted = handshake(method, query, headers, peer.0, &state).await?;
+    let upgrade = upgrade.ok_or(ApiError::UpgradeRequired)?;
+    let res = accepted.response();
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => accepted.run(TokioIo::new(upgraded), state).await,
+            Err(e) => tracing::debug!("websocket upgrade failed: {e}"),
+        }
+    });
+    Ok(res)
+}
+
+/// An upgrade request as a connection's first request: answered and served right here, in
+/// the connection's task (see [`crate::http1`]).
+pub async fn take_over(
+    state: Arc<AppState>,
+    head: Head,
+    mut conn: Conn,
+    peer: SocketAddr,
+) -> Option<Conn> {
+    let accepted = match handshake(Method::GET, &head.query, &head.headers, peer, &state).await {
+        Ok(accepted) => accepted,
+        Err(e) => return http1::answer(conn, e.into_response(), head.keep_alive).await,
+    };
+    let res = accepted.response();
+    let bytes = http1::head_bytes(&res, Framing::Empty, true);
+    drop(head);
+    if conn.write_all(&bytes).await.is_ok() {
+        // A task sized for the session alone: the handshake's state is freed with this one.
+        tokio::spawn(accepted.run(conn, state));
+    }
+    None
+}
+
+/// A checked upgrade request: what its session needs.
+struct Accepted {
+    topic: String,
+    meta: TopicMeta,
+    client: IpAddr,
+    permit: Permit,
+    accept_key: HeaderValue,
+}
+
+impl Accepted {
+    /// The `101 Switching Protocols` answer.
+    fn response(&self) -> Response {
+        let mut res = Response::default();
+        *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = res.headers_mut();
+        h.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(http::header::SEC_WEBSOCKET_ACCEPT, self.accept_key.clone());
+        res
+    }
+
+    /// The socket's whole life after the `101`.
+    async fn run<S>(self, io: S, state: Arc<AppState>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(socket_config())).await;
+        Session::new(ws, state, self.topic, self.meta, self.client)
+            .run()
+            .await;
+        drop(self.permit);
+    }
+}
+
+/// Checks the request before the upgrade: 405, 403 (origin), 400 (no topic), 404 (unknown
+/// topic), 426 (not an upgrade), then takes a connection slot (503, 429).
+async fn handshake(
+    method: Method,
+    query: &str,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    state: &AppState,
+) -> Result<Accepted, ApiError> {
     if method != Method::GET {
         return Err(ApiError::MethodNotAllowed("GET"));
     }
-    origin_of(&state, headers)?;
+    origin_of(state, headers)?;
     let topic = query_pairs(query)?
         .into_iter()
         .find(|(k, v)| k == "topic" && !v.is_empty())
@@ -90,48 +171,21 @@ async fn handshake(
         .await
         .ok_or(ApiError::NotFound("topic not registered"))?;
     let key = websocket_key(headers).ok_or(ApiError::UpgradeRequired)?;
-    let upgrade = upgrade.ok_or(ApiError::UpgradeRequired)?;
-    let (permit, client) = admit(&state, headers, peer.0)?;
-
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(socket_config()),
-                )
-                .await;
-                Session::new(ws, state, topic, meta, client).run().await;
-                drop(permit);
-            }
-            Err(e) => tracing::debug!(client = %client, "websocket upgrade failed: {e}"),
-        }
-    });
-
-    let mut res = Response::default();
-    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = res.headers_mut();
-    h.insert(
-        http::header::CONNECTION,
-        HeaderValue::from_static("upgrade"),
-    );
-    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
-    let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+    let accept_key = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
         .map_err(|_| ApiError::UpgradeRequired)?;
-    h.insert(http::header::SEC_WEBSOCKET_ACCEPT, accept);
-    Ok(res)
+    let (permit, client) = admit(state, headers, peer)?;
+    Ok(Accepted {
+        topic,
+        meta,
+        client,
+        permit,
+        accept_key,
+    })
 }
 
 /// The `Sec-WebSocket-Key` of a well-formed upgrade request.
 fn websocket_key(headers: &HeaderMap) -> Option<String> {
-    let has = |name: &str, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
-                .unwrap_or(false)
-        })
-    };
+    let has = |name: &str, token: &str| headers.get_all(name).iter().any(|v| has_token(v, token));
     if !has("connection", "upgrade")
         || !has("upgrade", "websocket")
         || !has("sec-websocket-version", "13")
@@ -269,8 +323,8 @@ impl Inbound {
     }
 }
 
-struct Session {
-    ws: Socket,
+struct Session<S> {
+    ws: WebSocketStream<S>,
     state: Arc<AppState>,
     /// The topic of the URL, authenticated by the first frame.
     topic: String,
@@ -283,9 +337,12 @@ struct Session {
     expiries: HashMap<Arc<str>, i64>,
 }
 
-impl Session {
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     fn new(
-        ws: Socket,
+        ws: WebSocketStream<S>,
         state: Arc<AppState>,
         topic: String,
         meta: TopicMeta,
@@ -308,11 +365,13 @@ impl Session {
         let _tracked = self.state.sockets.track();
         let _gauge = self.state.metrics.open(Transport::WebSocket);
         let started = Instant::now();
-        let end = match self.authenticate().await {
+        // The once-per-socket and rare steps are boxed: a task is allocated for its largest
+        // state, and these would make every idle socket pay for them.
+        let end = match Box::pin(self.authenticate()).await {
             Ok((grant, resume)) => self.serve(grant, resume).await,
             Err(end) => end,
         };
-        self.finish(&end).await;
+        Box::pin(self.finish(&end)).await;
         self.state.metrics.ws_disconnects.inc(end.metric_label());
         tracing::info!(
             topic = ?self.topic,
@@ -430,7 +489,7 @@ impl Session {
                         Some(Err(e)) => return End::from_ws(e),
                         Some(Ok(Message::Close(_))) => return End::PeerClosed,
                         Some(Ok(Message::Text(text))) => {
-                            if let Err(end) = self.on_text(&text).await {
+                            if let Err(end) = Box::pin(self.on_text(&text)).await {
                                 return end;
                             }
                             clock.expiry = self.expiry_deadline();

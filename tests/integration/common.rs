@@ -314,6 +314,17 @@ impl SseClient {
         path_and_query: &str,
         headers: &[(&str, &str)],
     ) -> Result<SseClient, Answer> {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        SseClient::on(stream, path_and_query, headers).await
+    }
+
+    /// `connect` on a connection that may have served other requests already.
+    pub async fn on(
+        mut stream: TcpStream,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<SseClient, Answer> {
+        let addr = stream.peer_addr().expect("peer");
         let mut req = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n"
         );
@@ -321,7 +332,6 @@ impl SseClient {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("\r\n");
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
         stream.write_all(req.as_bytes()).await.expect("write");
         let mut raw = Vec::new();
         let head_end = loop {

@@ -3,6 +3,7 @@
 mod bench_smoke;
 mod cluster;
 mod common;
+mod connections;
 mod hostile;
 mod internal_api;
 mod nginx;

@@ -40,7 +40,7 @@ async fn logs_of_a_full_session(log_format: &str) -> (String, Vec<String>) {
     });
     let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let field = |key: &str| -> std::net::SocketAddr {
-        let start = first.find(&format!("{key}")).unwrap() + key.len();
+        let start = first.find(key).unwrap() + key.len();
         first[start..]
             .trim_start_matches(['=', '"', ':', ' '])
             .split(|c: char| c == '"' || c == ',' || c.is_whitespace())

@@ -1,0 +1,368 @@
+//! The small part of HTTP/1.1 that long-lived streams need, without hyper.
+//!
+//! A connection whose first request opens a stream (`GET /ws`, `GET /sse`) is served from
+//! this module: we read and parse the request head ourselves, write the response head, and
+//! then own the socket. hyper keeps two 8 KiB buffers per HTTP/1 connection for as long as
+//! the connection lives (its read buffer and its buffer for response heads), which for an SSE
+//! stream is its whole life and doubled the memory per subscriber; an upgraded WebSocket
+//! paid for the buffers, a second task and the upgrade hand-over on every connect. Everything
+//! else (other paths, methods, HTTP/1.0, malformed or oversized heads, later requests on a
+//! keep-alive connection) goes to hyper, with the bytes already read put back in front.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Largest request head (request line and headers) a client may send; more is answered 431.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers in one request.
+pub const MAX_HEADERS: usize = 64;
+
+/// The streams this module serves itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    WebSocket,
+    Sse,
+}
+
+impl Target {
+    /// The request-line prefixes that select a target (`GET /ws?...` or `GET /ws HTTP/1.1`).
+    const PREFIXES: [(&'static [u8], Target); 4] = [
+        (b"GET /ws?", Target::WebSocket),
+        (b"GET /ws ", Target::WebSocket),
+        (b"GET /sse?", Target::Sse),
+        (b"GET /sse ", Target::Sse),
+    ];
+}
+
+/// A parsed `GET` request head for one of our streams.
+pub struct Head {
+    pub target: Target,
+    /// The raw query string (empty when there is none).
+    pub query: String,
+    pub headers: HeaderMap,
+    /// Whether the connection may carry another request after a plain answer.
+    pub keep_alive: bool,
+}
+
+/// What the first bytes of a connection turned out to be.
+pub enum First {
+    /// A complete stream request; any bytes after its head are in the connection's prefix.
+    Stream(Head, Conn),
+    /// Anything else: for hyper, with what was read put back.
+    Other(Conn),
+    /// Closed, failed or silent past the header timeout before a head arrived.
+    Gone,
+}
+
+/// Reads the first request head of a fresh connection, within `timeout`.
+pub async fn read_first(mut io: TcpStream, timeout: Duration) -> First {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.capacity());
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return First::Gone,
+            Ok(Ok(_)) => {}
+        }
+        let Some(target) = target_of(&buf) else {
+            return First::Other(Conn::with_prefix(io, buf));
+        };
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut slots);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let Some(head) = head_of(&req, target) else {
+                    return First::Other(Conn::with_prefix(io, buf));
+                };
+                let rest = Bytes::copy_from_slice(&buf[len..]);
+                return First::Stream(head, Conn { prefix: rest, io });
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {}
+            // Too long, too many headers or malformed: hyper gives the proper answer.
+            _ => return First::Other(Conn::with_prefix(io, buf)),
+        }
+    }
+}
+
+/// `Some` while `buf` starts with (or could still become) one of our request lines; `None`
+/// once it is certainly something else.
+fn target_of(buf: &[u8]) -> Option<Target> {
+    let mut undecided = None;
+    for (prefix, target) in Target::PREFIXES {
+        let n = buf.len().min(prefix.len());
+        if buf[..n] == prefix[..n] {
+            if n == prefix.len() {
+                return Some(target);
+            }
+            undecided = Some(target);
+        }
+    }
+    undecided
+}
+
+fn head_of(req: &httparse::Request<'_, '_>, target: Target) -> Option<Head> {
+    if req.version != Some(1) {
+        return None;
+    }
+    let path = req.path?;
+    let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let mut keep_alive = true;
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        if name == http::header::CONNECTION && has_token(&value, "close") {
+            keep_alive = false;
+        }
+        // A body on a GET is legal but never sent by browsers; hyper knows how to skip one.
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            return None;
+        }
+        headers.append(name, value);
+    }
+    Some(Head {
+        target,
+        query: query.to_string(),
+        headers,
+        keep_alive,
+    })
+}
+
+/// Whether a comma-separated header value holds `token` (case-insensitive).
+pub fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// A client connection, with bytes already read from it put back in front.
+pub struct Conn {
+    prefix: Bytes,
+    io: TcpStream,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn {
+            prefix: Bytes::new(),
+            io,
+        }
+    }
+
+    fn with_prefix(io: TcpStream, read: Vec<u8>) -> Conn {
+        Conn {
+            prefix: Bytes::from(read),
+            io,
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        if self.prefix.is_empty() {
+            // Let the head's buffer go now rather than with the connection.
+            self.prefix = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How a response body is delimited.
+pub enum Framing {
+    /// No body at all (101, 204, 304).
+    Empty,
+    Length(usize),
+    Chunked,
+}
+
+/// The status line and headers of `res`, plus `Date` and the framing header.
+pub fn head_bytes<B>(res: &Response<B>, framing: Framing, keep_alive: bool) -> Vec<u8> {
+    let status = res.status();
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in res.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Empty => {}
+        Framing::Length(n) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if !keep_alive && status != StatusCode::SWITCHING_PROTOCOLS {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"date: ");
+    out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out
+}
+
+/// Writes a whole plain answer. Returns the connection for hyper to serve the client's next
+/// request, or `None` when it is to be closed.
+pub async fn answer<B>(mut conn: Conn, res: Response<B>, keep_alive: bool) -> Option<Conn>
+where
+    B: http_body::Body,
+{
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.ok()?.to_bytes();
+    let head = Response::from_parts(parts, ());
+    let mut out = head_bytes(&head, Framing::Length(body.len()), keep_alive);
+    out.extend_from_slice(&body);
+    conn.write_all(&out).await.ok()?;
+    keep_alive.then_some(conn)
+}
+
+/// Most parts one chunk carries.
+pub const MAX_PARTS: usize = 64;
+
+/// Writes `parts` (at most [`MAX_PARTS`]; the rest is ignored) as one chunk of a
+/// `transfer-encoding: chunked` body, with as few system calls as the socket allows (usually
+/// one `writev`) and no allocation. The I/O vectors are rebuilt on each attempt rather than
+/// kept across a wait, so a stream's task doesn't carry room for them.
+pub async fn write_chunk<W: AsyncWrite + Unpin>(io: &mut W, parts: &[Bytes]) -> io::Result<()> {
+    let parts = &parts[..parts.len().min(MAX_PARTS)];
+    let len: usize = parts.iter().map(Bytes::len).sum();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut size_line = [0u8; 18];
+    let size_len = hex_line(&mut size_line, len);
+    let size_line = &size_line[..size_len];
+    let total = size_len + len + 2;
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        while written < total {
+            let mut slices = [IoSlice::new(&[]); MAX_PARTS + 2];
+            let pieces = std::iter::once(size_line)
+                .chain(parts.iter().map(|p| &p[..]))
+                .chain(std::iter::once(&b"\r\n"[..]));
+            let mut skip = written;
+            let mut used = 0;
+            for piece in pieces {
+                if skip >= piece.len() {
+                    skip -= piece.len();
+                    continue;
+                }
+                slices[used] = IoSlice::new(&piece[skip..]);
+                skip = 0;
+                used += 1;
+            }
+            match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..used]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await
+}
+
+/// The end of a chunked body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// `len` in hex followed by CRLF, into `out`; returns the bytes used.
+fn hex_line(out: &mut [u8; 18], mut len: usize) -> usize {
+    let mut digits = [0u8; 16];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789abcdef"[len & 15];
+        len >>= 4;
+        if len == 0 {
+            break;
+        }
+    }
+    let n = digits.len() - start;
+    out[..n].copy_from_slice(&digits[start..]);
+    out[n..n + 2].copy_from_slice(b"\r\n");
+    n + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_decided_by_the_request_line() {
+        assert_eq!(target_of(b"GET /ws?topic=a"), Some(Target::WebSocket));
+        assert_eq!(target_of(b"GET /sse HTTP/1.1"), Some(Target::Sse));
+        assert_eq!(target_of(b"GET /s"), Some(Target::Sse));
+        assert_eq!(target_of(b"GE"), Some(Target::Sse));
+        assert_eq!(target_of(b"GET /wsx"), None);
+        assert_eq!(target_of(b"GET /client.js"), None);
+        assert_eq!(target_of(b"POST /sse"), None);
+        assert_eq!(target_of(b"HEAD /sse"), None);
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        let mut line = [0u8; 18];
+        let n = hex_line(&mut line, 255);
+        assert_eq!(&line[..n], b"ff\r\n");
+        let n = hex_line(&mut line, 0x1_0000);
+        assert_eq!(&line[..n], b"10000\r\n");
+        let n = hex_line(&mut line, 0);
+        assert_eq!(&line[..n], b"0\r\n");
+    }
+}
