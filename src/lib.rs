@@ -158,6 +158,7 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
                 e,
             )
         })?;
+    server::defer_accept(&public, config.header_timeout);
     let public_addr = public.local_addr().map_err(|e| StartError(e.to_string()))?;
     let internal_addr = internal
         .local_addr()
