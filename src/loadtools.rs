@@ -1,6 +1,6 @@
 //! Helpers shared by the load tools (`fanout-bench`, `soak`): a decoder for a chunked
-//! `text/event-stream` body (the worker itself never parses SSE), and process figures from
-//! /proc. Not used by the worker.
+//! `text/event-stream` body (the worker itself never parses SSE), a minimal WebSocket client
+//! codec, and process figures from /proc. Not used by the worker.
 
 /// Feed it the bytes after the response head; it yields complete event blocks.
 #[derive(Default)]
@@ -55,6 +55,77 @@ pub fn fields(block: &str) -> (Option<&str>, Option<&str>, Option<&str>) {
 
 /// Raises this process's open-file soft limit to its hard limit (inherited by the workers the
 /// tools start). The hard limit on our machines is 20,000 and cannot be raised.
+/// The upgrade request of a load-tool WebSocket client, with the RFC 6455 sample key (the
+/// tools need no fresh key per socket; the server must still answer [`WS_SAMPLE_ACCEPT`]).
+pub fn ws_upgrade_request(path_and_query: &str) -> String {
+    format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+/// `Sec-WebSocket-Accept` for the key of [`ws_upgrade_request`] (RFC 6455, section 1.3).
+pub const WS_SAMPLE_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// A masked client frame (opcode 1 text, 9 ping, 10 pong, 8 close) carrying `payload`.
+pub fn ws_client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Decodes the server's (unmasked, unfragmented) frames from the bytes after the 101 head.
+#[derive(Default)]
+pub struct WsFrames {
+    raw: Vec<u8>,
+}
+
+impl WsFrames {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.raw.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame as (opcode, payload), if one has arrived.
+    pub fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let raw = &self.raw;
+        if raw.len() < 2 {
+            return None;
+        }
+        let opcode = raw[0] & 0x0f;
+        let (len, start) = match raw[1] & 0x7f {
+            126 if raw.len() >= 4 => (u16::from_be_bytes([raw[2], raw[3]]) as usize, 4),
+            127 if raw.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&raw[2..10]);
+                (u64::from_be_bytes(n) as usize, 10)
+            }
+            126 | 127 => return None,
+            n => (n as usize, 2),
+        };
+        if raw.len() < start + len {
+            return None;
+        }
+        let payload = raw[start..start + len].to_vec();
+        self.raw.drain(..start + len);
+        Some((opcode, payload))
+    }
+}
+
 pub fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
@@ -110,6 +181,35 @@ pub fn free_port() -> std::io::Result<u16> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ws_frames_round_trip_through_the_codec() {
+        let mut frames = super::WsFrames::default();
+        // Server frames: a short text, a 16-bit length text, a ping; fed in pieces.
+        let mut bytes = vec![0x81, 5];
+        bytes.extend_from_slice(b"hello");
+        let long = vec![b'x'; 300];
+        bytes.extend_from_slice(&[0x81, 126, 1, 44]);
+        bytes.extend_from_slice(&long);
+        bytes.extend_from_slice(&[0x89, 0]);
+        for piece in bytes.chunks(7) {
+            frames.feed(piece);
+        }
+        assert_eq!(frames.next_frame(), Some((1, b"hello".to_vec())));
+        assert_eq!(frames.next_frame(), Some((1, long)));
+        assert_eq!(frames.next_frame(), Some((9, vec![])));
+        assert_eq!(frames.next_frame(), None);
+        // A client frame is masked: unmasking gives the payload back.
+        let frame = super::ws_client_frame(1, b"{\"type\":\"auth\"}");
+        assert_eq!(frame[1], 0x80 | 15);
+        let mask = &frame[2..6];
+        let text: Vec<u8> = frame[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        assert_eq!(text, b"{\"type\":\"auth\"}");
+    }
+
     use super::*;
 
     #[test]

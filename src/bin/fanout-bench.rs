@@ -20,13 +20,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::Message;
-use wavelog_worker::loadtools::{cpu_ns, free_port, raise_fd_limit, rss_kib, ChunkedSse};
+use wavelog_worker::loadtools::{
+    cpu_ns, free_port, raise_fd_limit, rss_kib, ws_client_frame, ws_upgrade_request, ChunkedSse,
+    WsFrames, WS_SAMPLE_ACCEPT,
+};
 use wavelog_worker::token::{self, Claims};
 
 #[derive(Parser)]
@@ -40,6 +42,9 @@ struct Cli {
 enum Cmd {
     /// Measure one scenario.
     Run(RunArgs),
+    /// (Internal) One tool process of a `run --processes N`: reads its plan on stdin.
+    #[command(hide = true)]
+    Subscribe,
     /// Build the markdown table and SVG chart from result files.
     Report {
         /// Result JSON files (from `run --json`).
@@ -51,7 +56,7 @@ enum Cmd {
     },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug, Serialize, Deserialize)]
 enum Transport {
     Ws,
     Sse,
@@ -109,6 +114,10 @@ struct RunArgs {
     /// Exit non-zero unless every delivery arrived exactly once and in order.
     #[arg(long)]
     require_no_loss: bool,
+    /// Tool processes the subscribers are split over (one process holds at most ~19,000
+    /// sockets: the per-process open-file limit).
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
 }
 
 fn main() {
@@ -146,6 +155,17 @@ fn main() {
                     eprintln!("fanout-bench: {e}");
                     std::process::exit(1);
                 }
+            }
+        }
+        Cmd::Subscribe => {
+            raise_fd_limit();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            if let Err(e) = runtime.block_on(subscribe_process()) {
+                eprintln!("fanout-bench subscribe: {e}");
+                std::process::exit(1);
             }
         }
         Cmd::Report {
@@ -315,7 +335,6 @@ async fn http_once(
 
 /// Shared between subscribers and the run.
 struct Shared {
-    epoch: Instant,
     connected: AtomicUsize,
     failed: AtomicUsize,
     /// Subscribers that have seen their topic's last event.
@@ -369,7 +388,6 @@ async fn run(args: RunArgs) -> Result<Value, String> {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
         stop,
-        epoch: Instant::now(),
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
         finished: AtomicUsize::new(0),
@@ -380,38 +398,23 @@ async fn run(args: RunArgs) -> Result<Value, String> {
     let before_connect = usages(&pids);
     let tool_before = usage(self_pid);
     let started = Instant::now();
-    let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
-    let mut handles = Vec::with_capacity(args.connections);
-    for i in 0..args.connections {
-        let topic_index = i % k;
-        let topic = topics[topic_index].clone();
-        let token = token::sign(
-            secret.as_bytes(),
-            &Claims {
-                user_id: (i + 1) as i64,
-                topic: topic.clone(),
-                expires: unix_now() + 3600,
-            },
-        );
-        let local = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            1 + (i % args.bind_ips.max(1) as usize) as u8,
-        ));
-        let server = publics[i % publics.len()];
-        let sub = Subscriber {
-            shared: shared.clone(),
-            gate: gate.clone(),
-            transport: args.transport,
-            server,
-            local,
-            topic,
-            token,
-            expect: expected[topic_index],
-            events: args.events,
-        };
-        handles.push(tokio::spawn(sub.run()));
+    let plan = Plan {
+        secret: secret.clone(),
+        topics: topics.clone(),
+        publics: publics.clone(),
+        transport: args.transport,
+        bind_ips: args.bind_ips,
+        events: args.events,
+        expected: expected.clone(),
+        connect_concurrency: args.connect_concurrency,
+        range: (0, args.connections),
+    };
+    let mut handles = Vec::new();
+    let mut helpers = Vec::new();
+    if args.processes > 1 {
+        helpers = spawn_helpers(&plan, args.processes, &shared)?;
+    } else {
+        handles = spawn_subscribers(&plan, shared.clone());
     }
     while shared.connected.load(Ordering::Acquire) + shared.failed.load(Ordering::Acquire)
         < args.connections
@@ -429,7 +432,7 @@ async fn run(args: RunArgs) -> Result<Value, String> {
 
     // Phase 3: publish and wait for every delivery.
     let publish_start = Instant::now();
-    let sent = publish_all(&args, publish_node, &secret, &topics, shared.clone()).await?;
+    let sent = publish_all(&args, publish_node, &secret, &topics).await?;
     let want_finished = if args.events == 0 { 0 } else { connected };
     let deadline = Instant::now() + Duration::from_secs(60);
     while shared.finished.load(Ordering::Acquire) < want_finished && Instant::now() < deadline {
@@ -437,12 +440,17 @@ async fn run(args: RunArgs) -> Result<Value, String> {
     }
     let publish_secs = publish_start.elapsed().as_secs_f64();
     let after_publish = usages(&pids);
+    let helper_pids: Vec<u32> = helpers.iter().map(|h| h.child.id()).collect();
     let tool_after = usage(self_pid);
+    let helpers_cpu_ns = usages(&helper_pids).cpu_ns;
 
     // Collect: every subscriber hands in its figures.
     let _ = stop_tx.send(true);
     for h in handles {
         let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+    }
+    for helper in helpers {
+        helper.finish()?;
     }
     drop(nodes);
     let received = shared.deliveries.load(Ordering::Acquire);
@@ -456,7 +464,9 @@ async fn run(args: RunArgs) -> Result<Value, String> {
     let conn_cpu_us = (after_connect.cpu_ns.saturating_sub(before_connect.cpu_ns)) as f64 / 1e3;
     let idle_cpu_ns = after_idle.cpu_ns.saturating_sub(after_connect.cpu_ns) as f64;
     let publish_cpu_us = (after_publish.cpu_ns.saturating_sub(after_idle.cpu_ns)) as f64 / 1e3;
-    let tool_cpu_s = (tool_after.cpu_ns.saturating_sub(tool_before.cpu_ns)) as f64 / 1e9;
+    // Helper processes started with the connect phase: all their CPU counts.
+    let tool_cpu_s =
+        (tool_after.cpu_ns.saturating_sub(tool_before.cpu_ns) + helpers_cpu_ns) as f64 / 1e9;
     let label = args.label.clone().unwrap_or_else(|| {
         format!(
             "{} {}x{}t{}",
@@ -484,6 +494,7 @@ async fn run(args: RunArgs) -> Result<Value, String> {
             "in_flight": args.in_flight,
             "payload_bytes": args.payload_bytes,
             "nodes": args.nodes.max(1),
+            "tool_processes": args.processes.max(1),
             "cluster": args.redis_url.is_some(),
         },
         "connect": {
@@ -522,6 +533,248 @@ async fn run(args: RunArgs) -> Result<Value, String> {
     }))
 }
 
+/// Everything needed to open a range of the run's subscribers, in this process or in a
+/// helper process (which gets it as JSON on stdin).
+#[derive(Serialize, Deserialize, Clone)]
+struct Plan {
+    secret: String,
+    topics: Vec<String>,
+    publics: Vec<SocketAddr>,
+    transport: Transport,
+    bind_ips: u8,
+    events: usize,
+    /// Events per topic.
+    expected: Vec<u64>,
+    connect_concurrency: usize,
+    /// Subscriber indices `[start, end)` to open.
+    range: (usize, usize),
+}
+
+/// Spawns the plan's subscribers; subscriber `i` always gets the same topic, token, server
+/// and local address, whichever process opens it.
+fn spawn_subscribers(plan: &Plan, shared: Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
+    let gate = Arc::new(Semaphore::new(plan.connect_concurrency.max(1)));
+    let k = plan.topics.len();
+    (plan.range.0..plan.range.1)
+        .map(|i| {
+            let topic = plan.topics[i % k].clone();
+            let token = token::sign(
+                plan.secret.as_bytes(),
+                &Claims {
+                    user_id: (i + 1) as i64,
+                    topic: topic.clone(),
+                    expires: unix_now() + 3600,
+                },
+            );
+            let local = IpAddr::V4(Ipv4Addr::new(
+                127,
+                0,
+                0,
+                1 + (i % plan.bind_ips.max(1) as usize) as u8,
+            ));
+            let sub = Subscriber {
+                shared: shared.clone(),
+                gate: gate.clone(),
+                transport: plan.transport,
+                server: plan.publics[i % plan.publics.len()],
+                local,
+                topic,
+                token,
+                expect: plan.expected[i % k],
+                events: plan.events,
+            };
+            tokio::spawn(sub.run())
+        })
+        .collect()
+}
+
+/// A helper tool process holding part of the subscribers. It reports on stdout, one line
+/// each: `connected <ok> <failed>` once, `progress <finished> <deliveries>` as they change,
+/// and `done <json>` after it is told `stop` on stdin.
+struct Helper {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    done: std::sync::mpsc::Receiver<Value>,
+}
+
+fn spawn_helpers(
+    plan: &Plan,
+    processes: usize,
+    shared: &Arc<Shared>,
+) -> Result<Vec<Helper>, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let total = plan.range.1 - plan.range.0;
+    let mut helpers = Vec::new();
+    for p in 0..processes {
+        let range = (
+            plan.range.0 + total * p / processes,
+            plan.range.0 + total * (p + 1) / processes,
+        );
+        let mut child = Command::new(&exe)
+            .arg("subscribe")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start a helper: {e}"))?;
+        let mut stdin = child.stdin.take().ok_or("no helper stdin")?;
+        let stdout = child.stdout.take().ok_or("no helper stdout")?;
+        let part = Plan {
+            range,
+            ..plan.clone()
+        };
+        use std::io::Write;
+        let line = serde_json::to_string(&part).map_err(|e| e.to_string())?;
+        writeln!(stdin, "{line}").map_err(|e| e.to_string())?;
+        let (tx, done) = std::sync::mpsc::channel();
+        let shared = shared.clone();
+        std::thread::spawn(move || follow_helper(stdout, &shared, tx));
+        helpers.push(Helper { child, stdin, done });
+    }
+    Ok(helpers)
+}
+
+/// Adds a helper's reports to this process's counters.
+fn follow_helper(
+    stdout: std::process::ChildStdout,
+    shared: &Shared,
+    done: std::sync::mpsc::Sender<Value>,
+) {
+    use std::io::BufRead;
+    let (mut finished, mut deliveries) = (0usize, 0u64);
+    for line in std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+    {
+        let mut words = line.splitn(3, ' ');
+        let kind = words.next().unwrap_or("");
+        let a = words.next().unwrap_or("");
+        let b = words.next().unwrap_or("");
+        match kind {
+            "connected" => {
+                shared
+                    .connected
+                    .fetch_add(a.parse().unwrap_or(0), Ordering::AcqRel);
+                shared
+                    .failed
+                    .fetch_add(b.parse().unwrap_or(0), Ordering::AcqRel);
+            }
+            "progress" => {
+                let (f, d): (usize, u64) = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
+                shared
+                    .finished
+                    .fetch_add(f.saturating_sub(finished), Ordering::AcqRel);
+                shared
+                    .deliveries
+                    .fetch_add(d.saturating_sub(deliveries), Ordering::AcqRel);
+                (finished, deliveries) = (f.max(finished), d.max(deliveries));
+            }
+            "done" => {
+                let rest = line.strip_prefix("done ").unwrap_or("");
+                let _ = done.send(serde_json::from_str(rest).unwrap_or(Value::Null));
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Helper {
+    /// Stops the helper and merges its figures into this process's.
+    fn finish(mut self) -> Result<(), String> {
+        use std::io::Write;
+        let _ = writeln!(self.stdin, "stop");
+        let report = self
+            .done
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "a helper process did not report".to_string())?;
+        let _ = self.child.wait();
+        let count = |key: &str| report[key].as_u64().unwrap_or(0);
+        DUPLICATES.fetch_add(count("duplicates"), Ordering::AcqRel);
+        REORDERED.fetch_add(count("reordered"), Ordering::AcqRel);
+        RESYNCS.fetch_add(count("resyncs"), Ordering::AcqRel);
+        let path = report["latencies"].as_str().unwrap_or("");
+        let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+        let _ = std::fs::remove_file(path);
+        LATENCIES.lock().unwrap_or_else(|e| e.into_inner()).extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        Ok(())
+    }
+}
+
+/// The helper side of `run --processes N` (see [`Helper`]).
+async fn subscribe_process() -> Result<(), String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let plan: Plan = serde_json::from_str(&line).map_err(|e| format!("bad plan: {e}"))?;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        stop,
+        connected: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        finished: AtomicUsize::new(0),
+        deliveries: AtomicU64::new(0),
+    });
+    let count = plan.range.1 - plan.range.0;
+    let handles = spawn_subscribers(&plan, shared.clone());
+    while shared.connected.load(Ordering::Acquire) + shared.failed.load(Ordering::Acquire) < count {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "connected {} {}",
+        shared.connected.load(Ordering::Acquire),
+        shared.failed.load(Ordering::Acquire)
+    );
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while std::io::stdin()
+            .read_line(&mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            if line.trim() == "stop" {
+                break;
+            }
+            line.clear();
+        }
+        let _ = stop_tx.send(true);
+    });
+    let mut stop = shared.stop.clone();
+    let mut reported = (0, 0);
+    loop {
+        let now = (
+            shared.finished.load(Ordering::Acquire),
+            shared.deliveries.load(Ordering::Acquire),
+        );
+        if now != reported {
+            println!("progress {} {}", now.0, now.1);
+            reported = now;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    for h in handles {
+        let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+    }
+    let latencies = std::mem::take(&mut *LATENCIES.lock().unwrap_or_else(|e| e.into_inner()));
+    let path = std::env::temp_dir().join(format!("fanout-bench-{}.lat", std::process::id()));
+    let bytes: Vec<u8> = latencies.iter().flat_map(|l| l.to_le_bytes()).collect();
+    std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+    let report = json!({
+        "duplicates": DUPLICATES.load(Ordering::Acquire),
+        "reordered": REORDERED.load(Ordering::Acquire),
+        "resyncs": RESYNCS.load(Ordering::Acquire),
+        "latencies": path,
+    });
+    println!("done {report}");
+    Ok(())
+}
+
 static LATENCIES: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 static DUPLICATES: AtomicU64 = AtomicU64::new(0);
 static REORDERED: AtomicU64 = AtomicU64::new(0);
@@ -538,6 +791,17 @@ fn percentiles(v: &mut [u32]) -> Value {
     })
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: one clock for the publisher and every tool process.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -551,7 +815,6 @@ async fn publish_all(
     internal: SocketAddr,
     secret: &str,
     topics: &[String],
-    shared: Arc<Shared>,
 ) -> Result<u64, String> {
     let next = Arc::new(AtomicUsize::new(0));
     let sent = Arc::new(AtomicU64::new(0));
@@ -559,7 +822,7 @@ async fn publish_all(
     let pad = "x".repeat(args.payload_bytes);
     let mut tasks = Vec::new();
     for _ in 0..args.in_flight.max(1) {
-        let (next, sent, shared) = (next.clone(), sent.clone(), shared.clone());
+        let (next, sent) = (next.clone(), sent.clone());
         let (secret, pad, topics) = (secret.to_string(), pad.clone(), topics.to_vec());
         let (events, rate) = (args.events, args.rate);
         tasks.push(tokio::spawn(async move {
@@ -573,7 +836,7 @@ async fn publish_all(
                 }
                 let due = start + Duration::from_secs_f64(i as f64 / rate.max(0.001));
                 tokio::time::sleep_until(due.into()).await;
-                let t = shared.epoch.elapsed().as_nanos() as u64;
+                let t = mono_ns();
                 let body = format!(
                     "{{\"topic\":\"{}\",\"payload\":{{\"seq\":{i},\"t\":{t},\"pad\":\"{pad}\"}}}}",
                     topics[i % topics.len()]
@@ -675,7 +938,7 @@ impl Seen {
         else {
             return false;
         };
-        let now = shared.epoch.elapsed().as_nanos() as u64;
+        let now = mono_ns();
         self.latencies
             .push((now.saturating_sub(t) / 1000).min(u32::MAX as u64) as u32);
         let (word, bit) = ((seq / 64) as usize, seq % 64);
@@ -773,43 +1036,78 @@ impl Subscriber {
         self.shared.finished.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// A WebSocket subscriber with the minimal client codec of `loadtools` (no per-socket
+    /// key, buffers or HTTP parsing beyond the status line): the tool is the slower side of
+    /// this benchmark, so it does as little as a client can.
     async fn ws(
         &self,
-        stream: TcpStream,
+        mut stream: TcpStream,
         permit: tokio::sync::OwnedSemaphorePermit,
         seen: &mut Seen,
     ) -> Result<(), String> {
-        let url = format!("ws://{}/ws?topic={}", self.server, self.topic);
-        let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
-            .await
-            .map_err(|e| e.to_string())?;
+        let io = |e: std::io::Error| e.to_string();
+        let req = ws_upgrade_request(&format!("/ws?topic={}", self.topic));
+        stream.write_all(req.as_bytes()).await.map_err(io)?;
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut head = Vec::new();
+        let rest = loop {
+            let n = stream.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                return Err("closed during the upgrade".into());
+            }
+            head.extend_from_slice(&buf[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                let text = String::from_utf8_lossy(&head[..end]);
+                if !text.starts_with("HTTP/1.1 101") || !text.contains(WS_SAMPLE_ACCEPT) {
+                    return Err(format!("upgrade refused: {text}"));
+                }
+                break head[end + 4..].to_vec();
+            }
+        };
         let auth = json!({"type": "auth", "token": self.token}).to_string();
-        ws.send(Message::text(auth))
+        stream
+            .write_all(&ws_client_frame(1, auth.as_bytes()))
             .await
-            .map_err(|e| e.to_string())?;
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.contains("auth_ok") => {}
-            other => return Err(format!("no auth_ok: {other:?}")),
-        }
-        drop(permit);
-        self.shared.connected.fetch_add(1, Ordering::AcqRel);
-        if self.expect == 0 {
-            self.done(seen);
-        }
+            .map_err(io)?;
+        let mut frames = WsFrames::default();
+        frames.feed(&rest);
+        let mut permit = Some(permit);
         let mut stop = self.shared.stop.clone();
         loop {
-            let msg = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return Ok(()),
-                msg = ws.next() => msg,
-            };
-            let Some(msg) = msg else { break };
-            match msg.map_err(|e| e.to_string())? {
-                Message::Text(t) if seen.frame(&t, &self.shared, self.expect) => self.done(seen),
-                Message::Close(_) => break,
-                _ => {}
+            while let Some((opcode, payload)) = frames.next_frame() {
+                match opcode {
+                    1 => {
+                        let text = String::from_utf8_lossy(&payload);
+                        if permit.is_some() {
+                            if !text.contains("auth_ok") {
+                                return Err(format!("no auth_ok: {text}"));
+                            }
+                            drop(permit.take());
+                            self.shared.connected.fetch_add(1, Ordering::AcqRel);
+                            if self.expect == 0 {
+                                self.done(seen);
+                            }
+                        } else if seen.frame(&text, &self.shared, self.expect) {
+                            self.done(seen);
+                        }
+                    }
+                    9 => stream
+                        .write_all(&ws_client_frame(10, &payload))
+                        .await
+                        .map_err(io)?,
+                    8 => return Ok(()),
+                    _ => {}
+                }
             }
+            let n = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                n = stream.read(&mut buf) => n.map_err(io)?,
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            frames.feed(&buf[..n]);
         }
-        Ok(())
     }
 
     async fn sse(
