@@ -8,8 +8,10 @@ use crate::common::TempDir;
 #[test]
 fn fanout_bench_smoke_run_loses_nothing() {
     let dir = TempDir::new("bench");
-    for transport in ["ws", "sse"] {
-        let json = dir.0.join(format!("{transport}.json"));
+    // The last run splits its subscribers over two tool processes, as runs beyond one
+    // process's file limit do.
+    for (transport, processes) in [("ws", "1"), ("sse", "1"), ("ws", "2")] {
+        let json = dir.0.join(format!("{transport}-{processes}.json"));
         let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
             .args([
                 "run",
@@ -28,6 +30,8 @@ fn fanout_bench_smoke_run_loses_nothing() {
                 "--idle-secs",
                 "0.2",
                 "--require-no-loss",
+                "--processes",
+                processes,
             ])
             .arg("--worker-bin")
             .arg(env!("CARGO_BIN_EXE_wavelog-worker"))
@@ -50,13 +54,15 @@ fn fanout_bench_smoke_run_loses_nothing() {
         assert_eq!(r["delivery"]["lost"], 0);
         assert!(r["publish"]["server_cpu_us_per_delivery"].as_f64().unwrap() > 0.0);
         assert!(r["connect"]["rss_kib_per_connection"].as_f64().is_some());
+        assert_eq!(r["scenario"]["tool_processes"].as_u64(), processes.parse().ok());
+        assert!(r["delivery"]["latency_us"]["p50"].as_u64().is_some());
     }
     let md = dir.0.join("t.md");
     let svg = dir.0.join("c.svg");
     let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
         .arg("report")
-        .arg(dir.0.join("ws.json"))
-        .arg(dir.0.join("sse.json"))
+        .arg(dir.0.join("ws-1.json"))
+        .arg(dir.0.join("sse-1.json"))
         .arg("--markdown")
         .arg(&md)
         .arg("--svg")
