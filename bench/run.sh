@@ -29,7 +29,19 @@ for n in "${sizes[@]}"; do
   done
 done
 
-# Cluster mode (needs redis-server): 2 nodes, subscribers spread over both, publishes on node 1.
+# Sustained load: 10 topics at 400 events/s (400,000 deliveries/s asked), where the worker is
+# busy instead of waking for every burst (see "Where the time goes" in docs/benchmarks.md).
+for transport in ws sse; do
+  label="$transport 10000x10t 400/s"
+  echo "== $label"
+  "$BIN" run --connections 10000 --topics 10 --transport "$transport" \
+    --events 2000 --rate 400 --in-flight 4 --bind-ips 32 --idle-secs 1 \
+    --label "$label" --json "$OUT/sustained-${transport}.json" --require-no-loss
+done
+
+# Cluster mode (needs redis-server): 2 nodes, subscribers spread over both, publishes on node 1;
+# then 5 nodes holding 90,000 subscribers, opened by 5 tool processes (one process may hold at
+# most 20,000 files).
 if command -v redis-server >/dev/null; then
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
@@ -43,9 +55,16 @@ if command -v redis-server >/dev/null; then
       --idle-secs 3 --nodes "$nodes" --redis-url "redis://127.0.0.1:$port/0" \
       --label "$label" --json "$OUT/cluster-${nodes}n.json" --require-no-loss
   done
+  for transport in ws sse; do
+    label="$transport 90000x10t redis 5n"
+    echo "== $label"
+    "$BIN" run --connections 90000 --topics 10 --transport "$transport" --events 20 --rate 10 \
+      --bind-ips 32 --idle-secs 3 --nodes 5 --processes 5 --redis-url "redis://127.0.0.1:$port/0" \
+      --label "$label" --json "$OUT/cluster-5n-${transport}.json" --require-no-loss
+  done
 fi
 
 shopt -s nullglob
-results=("$OUT"/ws-*.json "$OUT"/sse-*.json "$OUT"/cluster-*.json)
+results=("$OUT"/ws-*.json "$OUT"/sse-*.json "$OUT"/sustained-*.json "$OUT"/cluster-*.json)
 "$BIN" report "${results[@]}" --markdown docs/bench-table.md --svg docs/bench-chart.svg
 echo "wrote docs/bench-table.md and docs/bench-chart.svg"

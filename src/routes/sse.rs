@@ -34,7 +34,7 @@ use crate::hub::{sse_data, Delivery, Replay, Subscription};
 use crate::limits::Permit;
 use crate::metrics::{ConnectionGauge, Metrics, Transport};
 use crate::presence::Member;
-use crate::server::{PeerAddr, Tracked};
+use crate::server::{within, PeerAddr, Tracked};
 use crate::AppState;
 
 pub fn route(
@@ -83,7 +83,7 @@ pub async fn take_over(
             drop((head, res));
             if conn.write_all(&bytes).await.is_ok() {
                 // A task sized for the stream alone: the request's state is freed with this one.
-                tokio::spawn(pump(conn, stream));
+                tokio::spawn(pump(conn, stream, state.config.idle_timeout));
             }
             None
         }
@@ -91,8 +91,10 @@ pub async fn take_over(
 }
 
 /// Writes the stream's chunks as they come (several in one `writev` when they queue up) until
-/// the stream ends (shutdown) or the client goes away.
-async fn pump(mut conn: Conn, mut stream: EventStream) {
+/// the stream ends (shutdown) or the client goes away. A client that takes nothing for `stall`
+/// (a full socket buffer) is dropped, as on `/ws`; one that merely reads slowly falls behind
+/// and gets `resync`.
+async fn pump(mut conn: Conn, mut stream: EventStream, stall: std::time::Duration) {
     let mut batch: Vec<Bytes> = Vec::new();
     // An SSE client has nothing to say; reading only notices when it leaves.
     let mut discard = [0u8; 32];
@@ -111,7 +113,7 @@ async fn pump(mut conn: Conn, mut stream: EventStream) {
                         _ => break,
                     }
                 }
-                if http1::write_chunk(&mut conn, &batch).await.is_err() {
+                if !matches!(within(stall, http1::write_chunk(&mut conn, &batch)).await, Some(Ok(()))) {
                     return;
                 }
                 batch.clear();

@@ -35,7 +35,7 @@ use crate::hub::{Delivery, Replay, Subscription};
 use crate::limits::Permit;
 use crate::metrics::Transport;
 use crate::registry::{TopicMeta, STATUS_TOPIC};
-use crate::server::PeerAddr;
+use crate::server::{within, PeerAddr};
 use crate::status::Status;
 use crate::token::TokenError;
 use crate::AppState;
@@ -686,12 +686,12 @@ where
     /// Queues a frame; a client that doesn't take it within `idle_timeout` is dropped.
     async fn feed(&mut self, msg: Message) -> Result<(), End> {
         let stall = self.state.config.idle_timeout;
-        settle(timeout(stall, self.ws.feed(msg)).await)
+        settle(within(stall, self.ws.feed(msg)).await)
     }
 
     async fn flush(&mut self) -> Result<(), End> {
         let stall = self.state.config.idle_timeout;
-        settle(timeout(stall, self.ws.flush()).await)
+        settle(within(stall, self.ws.flush()).await)
     }
 
     async fn send(&mut self, msg: Message) -> Result<(), End> {
@@ -717,11 +717,11 @@ where
     }
 }
 
-fn settle(r: Result<Result<(), WsError>, tokio::time::error::Elapsed>) -> Result<(), End> {
+fn settle(r: Option<Result<(), WsError>>) -> Result<(), End> {
     match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(End::from_ws(e)),
-        Err(_) => Err(End::WriteStalled),
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(End::from_ws(e)),
+        None => Err(End::WriteStalled),
     }
 }
 

@@ -54,7 +54,10 @@ fn fanout_bench_smoke_run_loses_nothing() {
         assert_eq!(r["delivery"]["lost"], 0);
         assert!(r["publish"]["server_cpu_us_per_delivery"].as_f64().unwrap() > 0.0);
         assert!(r["connect"]["rss_kib_per_connection"].as_f64().is_some());
-        assert_eq!(r["scenario"]["tool_processes"].as_u64(), processes.parse().ok());
+        assert_eq!(
+            r["scenario"]["tool_processes"].as_u64(),
+            processes.parse().ok()
+        );
         assert!(r["delivery"]["latency_us"]["p50"].as_u64().is_some());
     }
     let md = dir.0.join("t.md");
