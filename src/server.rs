@@ -97,13 +97,14 @@ pub fn defer_accept(listener: &TcpListener, wait: Duration) {
 
 /// `fut`'s output, or `None` if it is still pending after `limit`. It is polled once first, so
 /// the usual case (a write the socket takes at once) sets up no timer: a timer per delivered
-/// frame would cost more than the frame's own bookkeeping.
+/// frame would cost more than the frame's own bookkeeping. The timer of the rare case is boxed,
+/// so the tasks of idle connections don't carry room for it.
 pub async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
     if let Some(out) = futures_util::FutureExt::now_or_never(fut.as_mut()) {
         return Some(out);
     }
-    tokio::time::timeout(limit, fut).await.ok()
+    Box::pin(tokio::time::timeout(limit, fut)).await.ok()
 }
 
 /// Tells tasks that the worker is shutting down.
