@@ -791,6 +791,33 @@ fn percentiles(v: &mut [u32]) -> Value {
     })
 }
 
+/// Read buffer per subscriber: frames are small, and a larger buffer is memory the tool zeroes
+/// and faults in for every socket.
+const READ_BUF: usize = 4096;
+
+/// Linux `IP_BIND_ADDRESS_NO_PORT`: binding to a local address picks the port at `connect`,
+/// from the full 4-tuple, instead of searching for a port free for every destination at `bind`
+/// (what load generators such as haproxy do). Best effort.
+fn bind_address_no_port(socket: &TcpSocket) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a pointer to a c_int of the given size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: one clock for the publisher and every tool process.
 fn mono_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -1020,6 +1047,7 @@ impl Subscriber {
 
     async fn connect(&self) -> Result<TcpStream, String> {
         let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        bind_address_no_port(&socket);
         socket
             .bind(SocketAddr::new(self.local, 0))
             .map_err(|e| e.to_string())?;
@@ -1048,7 +1076,7 @@ impl Subscriber {
         let io = |e: std::io::Error| e.to_string();
         let req = ws_upgrade_request(&format!("/ws?topic={}", self.topic));
         stream.write_all(req.as_bytes()).await.map_err(io)?;
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; READ_BUF];
         let mut head = Vec::new();
         let rest = loop {
             let n = stream.read(&mut buf).await.map_err(io)?;
@@ -1126,7 +1154,7 @@ impl Subscriber {
             .map_err(|e| e.to_string())?;
         let mut decoder = ChunkedSse::default();
         let mut head = Vec::new();
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; READ_BUF];
         let mut head_done = false;
         let mut connected = false;
         let mut permit = Some(permit);
