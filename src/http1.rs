@@ -75,23 +75,42 @@ pub async fn read_first(mut io: TcpStream, timeout: Duration) -> First {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return First::Gone,
             Ok(Ok(_)) => {}
         }
-        let Some(target) = target_of(&buf) else {
-            return First::Other(Conn::with_prefix(io, buf));
-        };
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut slots);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let Some(head) = head_of(&req, target) else {
-                    return First::Other(Conn::with_prefix(io, buf));
-                };
+        match parse_first(&buf) {
+            Parsed::NeedMore => {}
+            Parsed::Other => return First::Other(Conn::with_prefix(io, buf)),
+            Parsed::Stream(head, len) => {
                 let rest = Bytes::copy_from_slice(&buf[len..]);
                 return First::Stream(head, Conn { prefix: rest, io });
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {}
-            // Too long, too many headers or malformed: hyper gives the proper answer.
-            _ => return First::Other(Conn::with_prefix(io, buf)),
         }
+    }
+}
+
+/// What the bytes read so far from a fresh connection are.
+pub enum Parsed {
+    /// Could still become a stream request: read on.
+    NeedMore,
+    /// A complete stream request whose head is the first `usize` bytes.
+    Stream(Head, usize),
+    /// Anything else, including heads that are too long, malformed, HTTP/1.0 or carry a body:
+    /// hyper gives those their proper answer.
+    Other,
+}
+
+/// Classifies the first bytes of a connection (pure, so it can be fuzzed).
+pub fn parse_first(buf: &[u8]) -> Parsed {
+    let Some(target) = target_of(buf) else {
+        return Parsed::Other;
+    };
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => match head_of(&req, target) {
+            Some(head) => Parsed::Stream(head, len),
+            None => Parsed::Other,
+        },
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => Parsed::NeedMore,
+        _ => Parsed::Other,
     }
 }
 
@@ -353,6 +372,38 @@ mod tests {
         assert_eq!(target_of(b"GET /client.js"), None);
         assert_eq!(target_of(b"POST /sse"), None);
         assert_eq!(target_of(b"HEAD /sse"), None);
+    }
+
+    #[test]
+    fn first_requests_are_classified() {
+        let ws = b"GET /ws?topic=a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nrest";
+        match parse_first(ws) {
+            Parsed::Stream(head, len) => {
+                assert_eq!(head.target, Target::WebSocket);
+                assert_eq!(head.query, "topic=a");
+                assert!(!head.keep_alive);
+                assert_eq!(&ws[len..], b"rest");
+            }
+            _ => panic!("a stream request"),
+        }
+        assert!(matches!(
+            parse_first(b"GET /sse?topic=a HTTP/1.1\r\nHo"),
+            Parsed::NeedMore
+        ));
+        for other in [
+            &b"GET /sse?topic=a HTTP/1.0\r\n\r\n"[..],
+            b"GET /ws HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            b"GET /ws HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(matches!(parse_first(other), Parsed::Other), "{other:?}");
+        }
+        let mut long = b"GET /sse HTTP/1.1\r\nX: ".to_vec();
+        long.resize(MAX_HEAD_BYTES + 1, b'a');
+        assert!(
+            matches!(parse_first(&long), Parsed::Other),
+            "too long for us"
+        );
     }
 
     #[test]
