@@ -66,8 +66,8 @@ pub fn route(
         )
 }
 
-/// A `/sse` request as a connection's first request: answered and streamed right here, in
-/// the connection's task, without hyper's buffers (see [`crate::http1`]).
+/// A `/sse` request as a connection's first request: answered here, without hyper's buffers
+/// (see [`crate::http1`]); the stream then runs in a task of its own.
 pub async fn take_over(
     state: Arc<AppState>,
     head: Head,

@@ -89,8 +89,8 @@ async fn upgrade_in_hyper(
     Ok(res)
 }
 
-/// An upgrade request as a connection's first request: answered and served right here, in
-/// the connection's task (see [`crate::http1`]).
+/// An upgrade request as a connection's first request: answered here, without hyper (see
+/// [`crate::http1`]); the session then runs in a task of its own.
 pub async fn take_over(
     state: Arc<AppState>,
     head: Head,
