@@ -229,3 +229,51 @@ async fn an_sse_client_that_takes_nothing_is_dropped_after_idle_timeout() {
     let end = tokio::time::timeout(Duration::from_secs(10), stuck.read_to_end(&mut rest)).await;
     assert!(end.is_ok(), "the connection was closed by the worker");
 }
+
+#[tokio::test]
+async fn bytes_sent_right_after_the_upgrade_request_are_not_lost() {
+    use wavelog_worker::loadtools::{ws_client_frame, ws_upgrade_request, WsFrames};
+    let t = start("").await;
+    register(&t, "qso.1", true).await;
+    // Upgrade request and auth frame in one write (a client should wait for the 101; the
+    // worker must cope either way).
+    let mut bytes = ws_upgrade_request("/ws?topic=qso.1").into_bytes();
+    let auth = json!({"type": "auth", "token": token_for("qso.1", 1, 60)}).to_string();
+    bytes.extend(ws_client_frame(1, auth.as_bytes()));
+    let mut conn = TcpStream::connect(t.public).await.unwrap();
+    conn.write_all(&bytes).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = |n: std::io::Result<usize>| match n {
+        Ok(n) if n > 0 => n,
+        other => panic!("connection ended: {other:?}"),
+    };
+    let end = loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("a 101 within 5 s");
+        raw.extend_from_slice(&buf[..read(n)]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+    };
+    assert!(
+        raw.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    let mut frames = WsFrames::default();
+    frames.feed(&raw[end + 4..]);
+    let text = loop {
+        if let Some((opcode, payload)) = frames.next_frame() {
+            assert_eq!(opcode, 1, "a text frame");
+            break String::from_utf8(payload).unwrap();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("auth_ok within 5 s");
+        frames.feed(&buf[..read(n)]);
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["type"], "auth_ok", "{v}");
+}
