@@ -75,24 +75,39 @@ fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub fn defer_accept(listener: &TcpListener, wait: Duration) {
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
-        let secs: libc::c_int = wait.as_secs().clamp(1, 60) as libc::c_int;
-        // SAFETY: setsockopt on a socket we own, with a pointer to a c_int of the given size.
-        let rc = unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_DEFER_ACCEPT,
-                &secs as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!("TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error());
+        let secs = wait.as_secs().clamp(1, 60) as libc::c_int;
+        if let Err(e) = set_int_option(listener, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs) {
+            tracing::debug!("TCP_DEFER_ACCEPT: {e}");
         }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (listener, wait);
+}
+
+/// `setsockopt` with an integer value (the load tools use it too).
+#[cfg(unix)]
+pub fn set_int_option(
+    socket: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt on a socket the caller owns, with a pointer to a c_int of the given
+    // size that lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// `fut`'s output, or `None` if it is still pending after `limit`. It is polled once first, so

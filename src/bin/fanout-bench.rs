@@ -344,6 +344,21 @@ struct Shared {
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
+impl Shared {
+    /// Fresh counters, and the sender that tells subscribers to stop.
+    fn new() -> (Arc<Shared>, tokio::sync::watch::Sender<bool>) {
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let shared = Arc::new(Shared {
+            stop,
+            connected: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            deliveries: AtomicU64::new(0),
+        });
+        (shared, stop_tx)
+    }
+}
+
 async fn run(args: RunArgs) -> Result<Value, String> {
     if args.nodes > 1 && args.redis_url.is_none() {
         return Err("--nodes > 1 needs --redis-url".into());
@@ -385,14 +400,7 @@ async fn run(args: RunArgs) -> Result<Value, String> {
         .map(|t| ((args.events + k - 1 - t) / k) as u64)
         .collect();
 
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let shared = Arc::new(Shared {
-        stop,
-        connected: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        finished: AtomicUsize::new(0),
-        deliveries: AtomicU64::new(0),
-    });
+    let (shared, stop_tx) = Shared::new();
 
     // Phase 1: connect.
     let before_connect = usages(&pids);
@@ -710,14 +718,7 @@ async fn subscribe_process() -> Result<(), String> {
         .read_line(&mut line)
         .map_err(|e| e.to_string())?;
     let plan: Plan = serde_json::from_str(&line).map_err(|e| format!("bad plan: {e}"))?;
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let shared = Arc::new(Shared {
-        stop,
-        connected: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        finished: AtomicUsize::new(0),
-        deliveries: AtomicU64::new(0),
-    });
+    let (shared, stop_tx) = Shared::new();
     let count = plan.range.1 - plan.range.0;
     let handles = spawn_subscribers(&plan, shared.clone());
     while shared.connected.load(Ordering::Acquire) + shared.failed.load(Ordering::Acquire) < count {
@@ -800,20 +801,12 @@ const READ_BUF: usize = 4096;
 /// (what load generators such as haproxy do). Best effort.
 fn bind_address_no_port(socket: &TcpSocket) {
     #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt on a socket we own, with a pointer to a c_int of the given size.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                &one as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
+    let _ = wavelog_worker::server::set_int_option(
+        socket,
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        1,
+    );
     #[cfg(not(target_os = "linux"))]
     let _ = socket;
 }

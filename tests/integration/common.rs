@@ -105,6 +105,11 @@ pub async fn read_answer(mut stream: TcpStream) -> Answer {
     }
 }
 
+/// The Content-Length of a response head, if it has one.
+pub fn content_length(head: &str) -> Option<usize> {
+    header_value(head, "content-length").and_then(|v| v.trim().parse().ok())
+}
+
 /// A header's value from a response head (status line first).
 fn header_value(head: &str, name: &str) -> Option<String> {
     head.lines().skip(1).find_map(|line| {
@@ -362,14 +367,7 @@ impl SseClient {
         let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
         if status != 200 {
             let mut body = rest;
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .expect("refusals have a Content-Length");
+            let length = content_length(&head).expect("refusals have a Content-Length");
             while body.len() < length {
                 let mut buf = [0u8; 4096];
                 let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))

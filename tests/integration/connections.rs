@@ -20,14 +20,8 @@ async fn request(stream: &mut TcpStream, path: &str, extra: &str) -> Answer {
     loop {
         if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&raw[..end]).to_string();
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or_else(|| panic!("no content-length in {head}"));
+            let length =
+                content_length(&head).unwrap_or_else(|| panic!("no content-length in {head}"));
             if raw.len() >= end + 4 + length {
                 assert_eq!(raw.len(), end + 4 + length, "nothing after the answer");
                 let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
