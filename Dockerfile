@@ -6,6 +6,7 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY tools ./tools
 COPY js-client ./js-client
 RUN cargo build --release --locked --bin wavelog-worker
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/wavelog-worker-target}"
 
-cargo test
+cargo test --workspace
 
 # The JS tests drive the debug worker binary that `cargo test` just built.
 export WAVELOG_WORKER_BIN="$CARGO_TARGET_DIR/debug/wavelog-worker"

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/wavelog-worker-target}"
-cargo build --release --bins
+cargo build --release --workspace --bins
 BIN="$CARGO_TARGET_DIR/release/fanout-bench"
 OUT=bench/results
 mkdir -p "$OUT"

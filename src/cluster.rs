@@ -32,11 +32,12 @@ use redis::{AsyncConnectionConfig, Client, Script};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::hub::{lock, Hub, Published, CLUSTER_SCALE};
+use crate::hub::{Hub, Published, CLUSTER_SCALE};
 use crate::metrics::Metrics;
 use crate::registry::{TopicMeta, STATUS_TOPIC};
-use crate::server::Shutdown;
+use crate::sync::lock;
 use crate::token::random_hex;
+use crate::transport::Shutdown;
 
 pub const EVENTS_CHANNEL: &str = "wavelog:events";
 /// Our own channel for registry invalidation and targeted resyncs (Go nodes ignore it).

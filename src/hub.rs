@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::metrics::Metrics;
+use crate::protocol;
+use crate::sync::lock;
 
 /// A pushed event as it goes out, serialized once per publish.
 #[derive(Debug)]
@@ -544,39 +546,14 @@ impl Drop for Subscription {
 
 /// Builds the frames every subscriber of a publish receives.
 fn build_frame(topic_json: &str, id: &str, seq: u64, payload: &str) -> FrameInner {
-    let mut text = String::with_capacity(48 + topic_json.len() + id.len() + payload.len());
-    text.push_str("{\"type\":\"push\",\"topic\":");
-    text.push_str(topic_json);
-    text.push_str(",\"id\":\"");
-    text.push_str(id);
-    text.push_str("\",\"payload\":");
-    text.push_str(payload);
-    text.push('}');
+    let text = protocol::push_text(topic_json, id, payload);
     FrameInner {
         seq,
         published: Instant::now(),
-        sse_id: Bytes::from(format!("id: {id}\n")),
-        sse_data: sse_data(&text),
+        sse_id: protocol::sse_id(id),
+        sse_data: protocol::sse_data(&text),
         text: Utf8Bytes::from(text),
     }
-}
-
-/// `data: <text>\n\n`. JSON can only hold raw line breaks as whitespace between tokens; each
-/// line becomes its own `data:` line, which EventSource joins back with `\n`.
-pub fn sse_data(text: &str) -> Bytes {
-    let mut out = String::with_capacity(text.len() + 10);
-    for line in text.split(['\n', '\r']).filter(|l| !l.is_empty()) {
-        out.push_str("data: ");
-        out.push_str(line);
-        out.push('\n');
-    }
-    out.push('\n');
-    Bytes::from(out)
-}
-
-/// Locks a mutex, recovering from poisoning: our critical sections leave data consistent.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

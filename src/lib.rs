@@ -3,21 +3,22 @@
 //! `start` binds both listeners and returns a handle; `main.rs` only parses the command line and
 //! calls `run`, so tests start exactly the same server in-process on port 0.
 
-pub mod access;
+pub mod admission;
 pub mod cluster;
 pub mod config;
 pub mod duration;
-pub mod http1;
 pub mod hub;
-pub mod limits;
-pub mod loadtools;
 pub mod metrics;
 pub mod presence;
+pub mod protocol;
 pub mod registry;
 pub mod routes;
-pub mod server;
+pub mod session;
 pub mod status;
+mod sync;
+pub mod time;
 pub mod token;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +35,7 @@ use metrics::Metrics;
 use presence::Presence;
 use registry::Registry;
 use registry::{RegistryFull, TopicMeta};
-use server::{Shutdown, Tracker};
+use transport::{Service, Shutdown, Tracker};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -47,9 +48,9 @@ pub struct AppState {
     /// Present in cluster mode (`redis_url` set).
     pub cluster: Option<Arc<Cluster>>,
     pub metrics: Arc<Metrics>,
-    pub limits: limits::ConnectionLimits,
+    pub limits: admission::ConnectionLimits,
     /// Failed authentications per client IP.
-    pub auth_throttle: limits::AuthThrottle,
+    pub auth_throttle: admission::AuthThrottle,
     pub started: Instant,
     pub shutdown: Shutdown,
     /// Open WebSockets (and later streams), so shutdown can wait for them to close.
@@ -145,10 +146,10 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
             "config error: key \"{key}\": cannot listen on {shown}:{port}: {e}"
         ))
     };
-    let public = server::listen(&config.ws_bind, config.ws_port)
+    let public = transport::listen(&config.ws_bind, config.ws_port)
         .await
         .map_err(|e| bind_error("ws_port", &config.ws_bind, config.ws_port, e))?;
-    let internal = server::listen(&config.internal_bind, config.internal_port)
+    let internal = transport::listen(&config.internal_bind, config.internal_port)
         .await
         .map_err(|e| {
             bind_error(
@@ -158,7 +159,7 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
                 e,
             )
         })?;
-    server::defer_accept(&public, config.header_timeout);
+    transport::defer_accept(&public, config.header_timeout);
     let public_addr = public.local_addr().map_err(|e| StartError(e.to_string()))?;
     let internal_addr = internal
         .local_addr()
@@ -203,11 +204,11 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
     };
     let state = Arc::new(AppState {
         metrics: metrics.clone(),
-        auth_throttle: limits::AuthThrottle::new(
+        auth_throttle: admission::AuthThrottle::new(
             config.auth_failure_burst,
             config.auth_failures_per_minute,
         ),
-        limits: limits::ConnectionLimits::new(
+        limits: admission::ConnectionLimits::new(
             config.max_connections,
             config.max_connections_per_ip,
         ),
@@ -222,19 +223,24 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
         config,
     });
 
+    let (header_timeout, stall) = (state.config.header_timeout, state.config.idle_timeout);
+    let public_service = Service {
+        routes: routes::public(state.clone()),
+        streams: Some(session::streams(state.clone())),
+        header_timeout,
+        stall,
+    };
+    let internal_service = Service {
+        routes: routes::internal(state.clone()),
+        streams: None,
+        header_timeout,
+        stall,
+    };
     let mut tasks = vec![
-        tokio::spawn(server::serve(
-            public,
-            routes::public(state.clone()),
-            Some(routes::streams(state.clone())),
-            state.config.header_timeout,
-            shutdown.clone(),
-        )),
-        tokio::spawn(server::serve(
+        tokio::spawn(transport::serve(public, public_service, shutdown.clone())),
+        tokio::spawn(transport::serve(
             internal,
-            routes::internal(state.clone()),
-            None,
-            state.config.header_timeout,
+            internal_service,
             shutdown.clone(),
         )),
         tokio::spawn(sweep(state.clone())),

@@ -137,7 +137,7 @@ fn make_token(path: &std::path::Path, topic: &str, user_id: i64, ttl: &str) -> E
             return ExitCode::from(2);
         }
     };
-    let now = wavelog_worker::access::unix_now();
+    let now = wavelog_worker::time::unix_now();
     let claims = token::Claims {
         user_id,
         topic: topic.to_string(),

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::hub::lock;
+use crate::sync::lock;
 
 #[derive(Default)]
 struct Counts {

@@ -4,14 +4,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wavelog_worker::http1::{parse_first, Parsed, MAX_HEAD_BYTES};
+use wavelog_worker::transport::http1::{parse_first, Parsed, MAX_HEAD_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     match parse_first(data) {
         Parsed::Stream(head, len) => {
             assert!(len <= data.len() && len <= MAX_HEAD_BYTES);
             assert!(data.starts_with(b"GET /ws") || data.starts_with(b"GET /sse"));
-            assert!(head.headers.len() <= wavelog_worker::http1::MAX_HEADERS);
+            assert!(head.headers.len() <= wavelog_worker::transport::http1::MAX_HEADERS);
         }
         Parsed::NeedMore => assert!(data.len() < MAX_HEAD_BYTES),
         Parsed::Other => {}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use wavelog_worker::hub::{HistoryLimits, Hub, Replay};
 use wavelog_worker::metrics::Metrics;
-use wavelog_worker::routes::sse::cursor_ids;
+use wavelog_worker::admission::cursor_ids;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -394,3 +394,20 @@ async fn concurrent_publishes_through_two_nodes_reach_everyone_in_id_order() {
         assert_silent(ws, Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn the_largest_allowed_publish_crosses_redis_to_websocket_and_sse() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let t = start(&format!("redis_url = \"{}\"", redis.url())).await;
+    eventually("cluster ready", || async { t.worker.state.is_ready() }).await;
+    crate::admission::largest_publish_reaches_both_transports(&t, 1 << 20).await;
+    let t = start(&format!(
+        "redis_url = \"{}\"\nmax_payload_bytes = 4194304",
+        redis.url()
+    ))
+    .await;
+    eventually("cluster ready", || async { t.worker.state.is_ready() }).await;
+    crate::admission::largest_publish_reaches_both_transports(&t, 3 << 20).await;
+}

@@ -226,7 +226,7 @@ async fn an_sse_client_that_takes_nothing_is_dropped_after_idle_timeout() {
 
 #[tokio::test]
 async fn bytes_sent_right_after_the_upgrade_request_are_not_lost() {
-    use wavelog_worker::loadtools::{ws_client_frame, ws_upgrade_request, WsFrames};
+    use wavelog_tools::{ws_client_frame, ws_upgrade_request, WsFrames};
     let t = start("").await;
     register(&t, "qso.1", true).await;
     // Upgrade request and auth frame in one write (a client should wait for the 101; the

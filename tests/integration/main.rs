@@ -1,6 +1,6 @@
 //! Integration tests: the real server over real sockets.
 
-mod bench_smoke;
+mod admission;
 mod cluster;
 mod common;
 mod connections;

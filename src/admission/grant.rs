@@ -1,4 +1,4 @@
-//! Who may subscribe to what: the rule both transports share.
+//! The token rule: which token entitles a client to a topic.
 
 use crate::registry::TopicMeta;
 use crate::token::{self, TokenError};
@@ -55,7 +55,7 @@ impl Denied {
 }
 
 /// Checks `token` for a topic already looked up. Open topics take any non-empty token.
-pub fn grant(state: &AppState, topic: &str, meta: TopicMeta, token: &str) -> Result<Grant, Denied> {
+pub fn check(state: &AppState, topic: &str, meta: TopicMeta, token: &str) -> Result<Grant, Denied> {
     if token.is_empty() {
         return Err(Denied::TokenMissing);
     }
@@ -66,30 +66,10 @@ pub fn grant(state: &AppState, topic: &str, meta: TopicMeta, token: &str) -> Res
         });
     }
     let secret = state.config.worker_secret.expose();
-    token::verify(secret, token, topic, unix_now())
+    token::verify(secret, token, topic, crate::time::unix_now())
         .map(|claims| Grant {
             user_id: claims.user_id,
             expires: Some(claims.expires),
         })
         .map_err(Denied::Unauthorized)
-}
-
-/// Looks the topic up, then checks the token.
-pub async fn lookup_and_grant(
-    state: &AppState,
-    topic: &str,
-    token: &str,
-) -> Result<(TopicMeta, Grant), Denied> {
-    let meta = state
-        .lookup_topic(topic)
-        .await
-        .ok_or(Denied::NotRegistered)?;
-    Ok((meta, grant(state, topic, meta, token)?))
-}
-
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use wavelog_worker::loadtools::{fd_count, fields, free_port, raise_fd_limit, rss_kib, ChunkedSse};
+use wavelog_tools::{fd_count, fields, free_port, raise_fd_limit, rss_kib, ChunkedSse};
 use wavelog_worker::token::{self, Claims};
 
 #[derive(Parser, Clone)]

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
-use wavelog_worker::loadtools::{
+use wavelog_tools::{
     cpu_ns, free_port, raise_fd_limit, rss_kib, ws_client_frame, ws_upgrade_request, ChunkedSse,
     WsFrames, WS_SAMPLE_ACCEPT,
 };
@@ -801,12 +801,21 @@ const READ_BUF: usize = 4096;
 /// (what load generators such as haproxy do). Best effort.
 fn bind_address_no_port(socket: &TcpSocket) {
     #[cfg(target_os = "linux")]
-    let _ = wavelog_worker::server::set_int_option(
-        socket,
-        libc::IPPROTO_IP,
-        libc::IP_BIND_ADDRESS_NO_PORT,
-        1,
-    );
+    {
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a pointer to a c_int that lives across
+        // the call and its size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
     #[cfg(not(target_os = "linux"))]
     let _ = socket;
 }

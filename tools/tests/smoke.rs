@@ -1,9 +1,43 @@
 //! The benchmark tool still works and loses nothing, at a tiny size (numbers from a debug build
 //! under a test run mean nothing; docs/benchmarks.md has the real ones).
 
+use std::path::PathBuf;
 use std::process::Command;
 
-use crate::common::TempDir;
+/// A fresh directory under the system's temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("wavelog-tools-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The worker binary of the same build (`cargo test --workspace` builds it beside ours:
+/// `target/<profile>/wavelog-worker`, this test being `target/<profile>/deps/smoke-*`).
+fn worker_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("wavelog-worker"))
+        .unwrap();
+    assert!(
+        bin.exists(),
+        "{} is missing: run the workspace's tests (`cargo test --workspace`), which build it",
+        bin.display()
+    );
+    bin
+}
 
 #[test]
 fn fanout_bench_smoke_run_loses_nothing() {
@@ -34,7 +68,7 @@ fn fanout_bench_smoke_run_loses_nothing() {
                 processes,
             ])
             .arg("--worker-bin")
-            .arg(env!("CARGO_BIN_EXE_wavelog-worker"))
+            .arg(worker_bin())
             .arg("--json")
             .arg(&json)
             .output()

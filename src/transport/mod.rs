@@ -1,29 +1,32 @@
-//! Listeners: the accept loop, HTTP/1.1 per connection, and graceful shutdown.
+//! Transport: listeners, the accept loop, and what a connection is made of.
 //!
+//! A connection's first request is read by [`http1`]: a stream request (`GET /ws`, `GET /sse`)
+//! goes to the sessions without hyper, anything else to hyper and the warp filter trees
+//! ([`hyper`]). Both write through one [`conn::Conn`], which carries the write-stall deadline.
 //! We drive hyper ourselves instead of `warp::serve` so that we control what a public port
 //! needs: a header read timeout (slow clients), the listen backlog, the peer address, and
 //! shutdown of upgraded WebSockets (which hyper's graceful shutdown does not track).
+
+pub mod conn;
+pub mod http1;
+mod hyper;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Notify};
 
-use crate::http1::{Conn, First, Head, MAX_HEADERS, MAX_HEAD_BYTES};
+pub use self::hyper::PeerAddr;
+use conn::Conn;
+use http1::{First, Head};
 
 /// A listener's whole filter tree, boxed so both listeners share one serving loop.
 pub type Routes = warp::filters::BoxedFilter<(warp::reply::Response,)>;
-
-/// The peer address of a request, put into its extensions for the routes.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
 
 /// Serves a connection whose first request opens a stream (see [`crate::http1`]). Returns the
 /// connection when the client may send another request (after a refusal), for hyper to serve.
@@ -84,9 +87,9 @@ pub fn defer_accept(listener: &TcpListener, wait: Duration) {
     let _ = (listener, wait);
 }
 
-/// `setsockopt` with an integer value (the load tools use it too).
-#[cfg(unix)]
-pub fn set_int_option(
+/// `setsockopt` with an integer value.
+#[cfg(target_os = "linux")]
+fn set_int_option(
     socket: &impl std::os::fd::AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
@@ -108,18 +111,6 @@ pub fn set_int_option(
     } else {
         Err(std::io::Error::last_os_error())
     }
-}
-
-/// `fut`'s output, or `None` if it is still pending after `limit`. It is polled once first, so
-/// the usual case (a write the socket takes at once) sets up no timer: a timer per delivered
-/// frame would cost more than the frame's own bookkeeping. The timer of the rare case is boxed,
-/// so the tasks of idle connections don't carry room for it.
-pub async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    if let Some(out) = futures_util::FutureExt::now_or_never(fut.as_mut()) {
-        return Some(out);
-    }
-    Box::pin(tokio::time::timeout(limit, fut)).await.ok()
 }
 
 /// Tells tasks that the worker is shutting down.
@@ -186,17 +177,23 @@ impl Drop for Tracked {
     }
 }
 
+/// What a listener serves.
+#[derive(Clone)]
+pub struct Service {
+    /// The warp filter tree, served through hyper.
+    pub routes: Routes,
+    /// Connections whose first request opens a stream (public listener only).
+    pub streams: Option<StreamHandler>,
+    /// How long a client has to send its request head (slow-loris clients are cut off).
+    pub header_timeout: Duration,
+    /// How long a write may wait for a client that takes nothing.
+    pub stall: Duration,
+}
+
 /// Accepts connections on `listener` and serves them until shutdown: a connection that opens
-/// a stream with its first request goes to `streams`, everything else to `filter` through
-/// hyper. A client gets `header_timeout` to send its request head (slow-loris clients are cut
-/// off).
-pub async fn serve(
-    listener: TcpListener,
-    filter: Routes,
-    streams: Option<StreamHandler>,
-    header_timeout: Duration,
-    mut shutdown: Shutdown,
-) {
+/// a stream with its first request goes to `streams`, everything else to the routes through
+/// hyper.
+pub async fn serve(listener: TcpListener, service: Service, mut shutdown: Shutdown) {
     let mut accept_error_logged = false;
     loop {
         let accepted = tokio::select! {
@@ -207,21 +204,28 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 accept_error_logged = false;
                 let _ = stream.set_nodelay(true);
-                let filter = filter.clone();
-                let streams = streams.clone();
+                let service = service.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    let conn = match streams {
+                    let conn = match &service.streams {
                         Some(streams) => {
-                            let first = first_request(stream, peer, streams, header_timeout);
+                            let first = first_request(stream, peer, streams.clone(), &service);
                             match Box::pin(first).await {
                                 Some(conn) => conn,
                                 None => return,
                             }
                         }
-                        None => Conn::new(stream),
+                        None => Conn::new(stream, Bytes::new(), service.stall),
                     };
-                    Box::pin(serve_http(conn, peer, filter, header_timeout, shutdown)).await
+                    let routes = service.routes;
+                    Box::pin(hyper::serve(
+                        conn,
+                        peer,
+                        routes,
+                        service.header_timeout,
+                        shutdown,
+                    ))
+                    .await
                 });
             }
             Err(e) => {
@@ -242,45 +246,11 @@ async fn first_request(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     streams: StreamHandler,
-    header_timeout: Duration,
+    service: &Service,
 ) -> Option<Conn> {
-    match crate::http1::read_first(stream, header_timeout).await {
+    match http1::read_first(stream, service.header_timeout, service.stall).await {
         First::Gone => None,
         First::Other(conn) => Some(conn),
         First::Stream(head, conn) => streams(head, conn, peer).await,
-    }
-}
-
-async fn serve_http(
-    stream: Conn,
-    peer: SocketAddr,
-    filter: Routes,
-    header_timeout: Duration,
-    mut shutdown: Shutdown,
-) {
-    let warp_service = warp::service(filter);
-    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(PeerAddr(peer));
-        let mut svc = warp_service.clone();
-        tower_service::Service::call(&mut svc, req)
-    });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!("connection from {peer}: {e}");
-            }
-        }
-        _ = shutdown.wait() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
     }
 }

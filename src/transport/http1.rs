@@ -11,15 +11,17 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub use super::conn::Conn;
 
 /// Largest request head (request line and headers) a client may send; more is answered 431.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -64,7 +66,7 @@ pub enum First {
 }
 
 /// Reads the first request head of a fresh connection, within `timeout`.
-pub async fn read_first(mut io: TcpStream, timeout: Duration) -> First {
+pub async fn read_first(mut io: TcpStream, timeout: Duration, stall: Duration) -> First {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -77,10 +79,10 @@ pub async fn read_first(mut io: TcpStream, timeout: Duration) -> First {
         }
         match parse_first(&buf) {
             Parsed::NeedMore => {}
-            Parsed::Other => return First::Other(Conn::with_prefix(io, buf)),
+            Parsed::Other => return First::Other(Conn::new(io, Bytes::from(buf), stall)),
             Parsed::Stream(head, len) => {
                 let rest = Bytes::copy_from_slice(&buf[len..]);
-                return First::Stream(head, Conn { prefix: rest, io });
+                return First::Stream(head, Conn::new(io, rest, stall));
             }
         }
     }
@@ -166,78 +168,6 @@ pub fn has_token(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// A client connection, with bytes already read from it put back in front.
-pub struct Conn {
-    prefix: Bytes,
-    io: TcpStream,
-}
-
-impl Conn {
-    pub fn new(io: TcpStream) -> Conn {
-        Conn {
-            prefix: Bytes::new(),
-            io,
-        }
-    }
-
-    fn with_prefix(io: TcpStream, read: Vec<u8>) -> Conn {
-        Conn {
-            prefix: Bytes::from(read),
-            io,
-        }
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.prefix.is_empty() {
-            return Pin::new(&mut self.io).poll_read(cx, buf);
-        }
-        let n = self.prefix.len().min(buf.remaining());
-        buf.put_slice(&self.prefix[..n]);
-        self.prefix.advance(n);
-        if self.prefix.is_empty() {
-            // Let the head's buffer go now rather than with the connection.
-            self.prefix = Bytes::new();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 /// How a response body is delimited.
 pub enum Framing {
     /// No body at all (101, 204, 304).
@@ -275,8 +205,12 @@ pub fn head_bytes<B>(res: &Response<B>, framing: Framing, keep_alive: bool) -> V
     out
 }
 
+/// How long a closing connection keeps reading what its client still sends (see
+/// [`Conn::close_gracefully`]).
+const LINGER: Duration = Duration::from_secs(2);
+
 /// Writes a whole plain answer. Returns the connection for hyper to serve the client's next
-/// request, or `None` when it is to be closed.
+/// request, or `None` once it is closed (gracefully: the client reads the whole answer).
 pub async fn answer<B>(mut conn: Conn, res: Response<B>, keep_alive: bool) -> Option<Conn>
 where
     B: http_body::Body,
@@ -287,7 +221,11 @@ where
     let mut out = head_bytes(&head, Framing::Length(body.len()), keep_alive);
     out.extend_from_slice(&body);
     conn.write_all(&out).await.ok()?;
-    keep_alive.then_some(conn)
+    if keep_alive {
+        return Some(conn);
+    }
+    conn.close_gracefully(LINGER).await;
+    None
 }
 
 /// Most parts one chunk carries.

@@ -1,0 +1,38 @@
+//! Sessions: the two views of one admitted stream. `ws` and `sse` only write what
+//! [`crate::admission`] allowed, frames from [`crate::protocol`], events from [`crate::hub`].
+
+pub mod sse;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::transport::http1::Target;
+use crate::transport::StreamHandler;
+use crate::AppState;
+
+/// `/ws` and `/sse` when they are a connection's first request (nearly always: browsers open
+/// a fresh connection for each), served without hyper; see [`crate::transport::http1`]. The
+/// routes in [`crate::routes::public`] serve them on a connection hyper already serves.
+pub fn streams(state: Arc<AppState>) -> StreamHandler {
+    Arc::new(move |head, conn, peer: SocketAddr| {
+        let state = state.clone();
+        Box::pin(async move {
+            match head.target {
+                Target::WebSocket => ws::take_over(state, head, conn, peer).await,
+                Target::Sse => sse::take_over(state, head, conn, peer).await,
+            }
+        })
+    })
+}
+
+/// The earliest expiry among a session's tokens, as an instant, when expiry is enforced.
+pub fn expiry_deadline(
+    state: &AppState,
+    expiries: impl Iterator<Item = i64>,
+) -> Option<tokio::time::Instant> {
+    if !state.config.enforce_token_expiry {
+        return None;
+    }
+    expiries.min().map(crate::time::instant_of_unix)
+}

@@ -1,0 +1,224 @@
+//! `GET /sse?topic=T&token=K[&topic=T2&token=K2...]`: the same stream as `/ws`, as Server-Sent
+//! Events, for proxies and networks that break WebSocket upgrades.
+//!
+//! Every refusal is a plain HTTP answer before the stream starts (400, 401, 403, 404), with CORS
+//! headers so the JS client's `fetch` probe can read the status EventSource hides. The stream
+//! itself is a hand-written `Stream`: a push costs two shared `Bytes` chunks (`id:` line and
+//! `data:` lines, both serialized once per publish). As a connection's first request (the usual
+//! case) it is written by `pump`, in a task of its own, several queued chunks per `writev`; on
+//! a connection hyper already serves, hyper polls it.
+
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::admission::{self, check_origin, Request};
+use crate::metrics::Transport;
+use crate::routes::{query_raw, with_state, ApiError};
+use crate::transport::http1::{self, Conn, Framing, Head};
+use crate::transport::PeerAddr;
+use crate::AppState;
+use stream::EventStream;
+
+pub fn route(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path("sse")
+        .and(warp::path::end())
+        .and(warp::method())
+        .and(query_raw())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::get::<PeerAddr>())
+        .and(with_state(state))
+        .then(
+            |method: Method,
+             query: String,
+             headers: HeaderMap,
+             peer: PeerAddr,
+             state: Arc<AppState>| async move {
+                match respond(method, &query, &headers, peer.0, &state).await {
+                    Answer::Plain(res) => res,
+                    // On a connection hyper already serves: hyper polls the stream.
+                    Answer::Stream(head, stream) => {
+                        let mut res = warp::reply::stream(stream).into_response();
+                        res.headers_mut().extend(head);
+                        res
+                    }
+                }
+            },
+        )
+}
+
+/// A `/sse` request as a connection's first request: answered here, without hyper's buffers
+/// (see [`crate::http1`]); the stream then runs in a task of its own.
+pub async fn take_over(
+    state: Arc<AppState>,
+    head: Head,
+    mut conn: Conn,
+    peer: SocketAddr,
+) -> Option<Conn> {
+    match respond(Method::GET, &head.query, &head.headers, peer, &state).await {
+        Answer::Plain(res) => http1::answer(conn, res, head.keep_alive).await,
+        Answer::Stream(headers, stream) => {
+            let mut res = http::Response::new(());
+            *res.headers_mut() = headers;
+            let bytes = http1::head_bytes(&res, Framing::Chunked, true);
+            drop((head, res));
+            if conn.write_all(&bytes).await.is_ok() {
+                // A task sized for the stream alone: the request's state is freed with this one.
+                tokio::spawn(pump(conn, stream));
+            }
+            None
+        }
+    }
+}
+
+/// Writes the stream's chunks as they come (several in one `writev` when they queue up) until
+/// the stream ends (shutdown, token expiry) or the client goes away. A client that takes
+/// nothing for `idle_timeout` (a full socket buffer) fails the write, as on `/ws`: the
+/// connection's writer carries that deadline. One that merely reads slowly falls behind and
+/// gets `resync`.
+async fn pump(mut conn: Conn, mut stream: EventStream) {
+    let mut batch: Vec<Bytes> = Vec::new();
+    // An SSE client has nothing to say; reading only notices when it leaves.
+    let mut discard = [0u8; 32];
+    loop {
+        tokio::select! {
+            biased;
+            chunk = stream.next() => {
+                let Some(Ok(chunk)) = chunk else {
+                    let _ = conn.write_all(http1::LAST_CHUNK).await;
+                    return;
+                };
+                batch.push(chunk);
+                while batch.len() < http1::MAX_PARTS {
+                    match stream.next().now_or_never() {
+                        Some(Some(Ok(chunk))) => batch.push(chunk),
+                        _ => break,
+                    }
+                }
+                if http1::write_chunk(&mut conn, &batch).await.is_err() {
+                    return;
+                }
+                batch.clear();
+                // Keep room for one event (id and data) between bursts, no more.
+                batch.shrink_to(4);
+            }
+            read = conn.read(&mut discard) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What a `/sse` request gets: a plain answer, or the stream with its response headers.
+/// (Short-lived, and the stream is moved into its task whole: no point boxing it.)
+#[allow(clippy::large_enum_variant)]
+enum Answer {
+    Plain(Response),
+    Stream(HeaderMap, EventStream),
+}
+
+impl Answer {
+    fn headers_mut(&mut self) -> &mut HeaderMap {
+        match self {
+            Answer::Plain(res) => res.headers_mut(),
+            Answer::Stream(headers, _) => headers,
+        }
+    }
+}
+
+async fn respond(
+    method: Method,
+    query: &str,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    state: &Arc<AppState>,
+) -> Answer {
+    // Only the CORS echo: admission decides (403 for a disallowed origin). Refusals carry
+    // CORS headers too, so the JS client's fetch probe can read their status.
+    let allowed = check_origin(&state.config.allowed_origins, headers);
+    let mut answer = match method {
+        Method::GET => match open(query, headers, peer, state).await {
+            Ok(stream) => Answer::Stream(stream_headers(), stream),
+            Err(e) => Answer::Plain(e.into_response()),
+        },
+        Method::OPTIONS => match &allowed {
+            Ok(_) => Answer::Plain(preflight()),
+            Err(_) => Answer::Plain(ApiError::Forbidden.into_response()),
+        },
+        _ => Answer::Plain(ApiError::MethodNotAllowed("GET, OPTIONS").into_response()),
+    };
+    if let Ok(Some(origin)) = allowed {
+        let h = answer.headers_mut();
+        h.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(http::header::VARY, HeaderValue::from_static("Origin"));
+    }
+    answer
+}
+
+fn stream_headers() -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(4);
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("keep-alive"),
+    );
+    h
+}
+
+/// EventSource itself never preflights, but a reconnect carrying `Last-Event-ID` through some
+/// fetch polyfills does.
+fn preflight() -> Response {
+    let mut res = Response::default();
+    *res.status_mut() = StatusCode::NO_CONTENT;
+    let h = res.headers_mut();
+    h.insert(
+        http::header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET"),
+    );
+    h.insert(
+        http::header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Last-Event-ID, Cache-Control"),
+    );
+    h.insert(
+        http::header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    res
+}
+
+/// Admits the request and opens its stream.
+async fn open(
+    query: &str,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    state: &Arc<AppState>,
+) -> Result<EventStream, ApiError> {
+    let request = Request {
+        transport: Transport::Sse,
+        query,
+        headers,
+        peer,
+    };
+    let admitted = admission::admit(state, request).await?.grant(state)?;
+    Ok(EventStream::open(state, admitted))
+}

@@ -1,0 +1,122 @@
+//! The WebSocket opening handshake (RFC 6455 section 4.2), checked the same on both HTTP
+//! paths.
+
+use base64::Engine;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use warp::reply::Response;
+
+use crate::protocol::PUSH_FRAME_OVERHEAD;
+use crate::routes::ApiError;
+use crate::transport::http1::has_token;
+
+/// Largest inbound frame; anything bigger closes the socket (1009).
+pub const MAX_INBOUND: usize = 4 * 1024;
+/// What the write buffer holds before it is flushed to the socket.
+const WRITE_BUFFER: usize = 8 * 1024;
+
+/// Whether the request asks for a WebSocket at all (a refused one then closes the
+/// connection: the client may already have sent frames after it).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    has(headers, "upgrade", "websocket")
+}
+
+/// The `Sec-WebSocket-Accept` value for a well-formed upgrade request: 426 when it is not an
+/// upgrade or asks for another version (naming ours), 400 without `Host` or for a key that is
+/// not base64 of 16 bytes.
+pub fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+    if !headers.contains_key(http::header::HOST) {
+        return Err(ApiError::BadRequest("missing Host header".into()));
+    }
+    if !has(headers, "connection", "upgrade") || !is_upgrade(headers) {
+        return Err(ApiError::UpgradeRequired);
+    }
+    if !has(headers, "sec-websocket-version", "13") {
+        return Err(ApiError::UpgradeRequired);
+    }
+    let key = headers
+        .get("sec-websocket-key")
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k)
+                .is_ok_and(|raw| raw.len() == 16)
+        })
+        .ok_or_else(|| {
+            ApiError::BadRequest("Sec-WebSocket-Key must be base64 of 16 bytes".into())
+        })?;
+    HeaderValue::from_str(&derive_accept_key(key))
+        .map_err(|_| ApiError::BadRequest("bad Sec-WebSocket-Key".into()))
+}
+
+fn has(headers: &HeaderMap, name: &str, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| has_token(v, token))
+}
+
+/// The `101 Switching Protocols` answer.
+pub fn switching(accept_key: HeaderValue) -> Response {
+    let mut res = Response::default();
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(http::header::SEC_WEBSOCKET_ACCEPT, accept_key);
+    res
+}
+
+/// Small buffers (most sockets idle for hours and we hold thousands), but room for the largest
+/// frame a publish can make: `max_payload_bytes` plus the push frame around it, with a full
+/// write buffer already queued.
+pub fn socket_config(max_payload_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(512)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + max_payload_bytes + PUSH_FRAME_OVERHEAD)
+        .max_message_size(Some(MAX_INBOUND))
+        .max_frame_size(Some(MAX_INBOUND))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade(key: &str, version: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("x"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert(
+            "sec-websocket-version",
+            HeaderValue::from_str(version).unwrap(),
+        );
+        h.insert("sec-websocket-key", HeaderValue::from_str(key).unwrap());
+        h
+    }
+
+    #[test]
+    fn the_rfc_example_key_is_accepted() {
+        let accept = accept_key(&upgrade("dGhlIHNhbXBsZSBub25jZQ==", "13")).unwrap();
+        assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn bad_keys_and_versions_are_refused() {
+        for key in ["", "abc", "dGhlIHNhbXBsZSBub25jZSE="] {
+            assert!(matches!(
+                accept_key(&upgrade(key, "13")),
+                Err(ApiError::BadRequest(_))
+            ));
+        }
+        assert!(matches!(
+            accept_key(&upgrade("dGhlIHNhbXBsZSBub25jZQ==", "8")),
+            Err(ApiError::UpgradeRequired)
+        ));
+    }
+}

@@ -1,0 +1,424 @@
+//! One WebSocket's life after the `101`: authentication, then delivery.
+//!
+//! One task per socket drives everything (reading, delivering, pinging, deadlines) with one
+//! `select!`, so a socket costs one small future and no locks are shared between sockets.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio_stream::StreamMap;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use super::end::End;
+use crate::admission::{self, Admitted, Denied, Granted, Pending};
+use crate::hub::{Delivery, Replay, Subscription};
+use crate::metrics::Transport;
+use crate::protocol::{Inbound, Outbound};
+use crate::registry::STATUS_TOPIC;
+use crate::status::Status;
+use crate::token::TokenError;
+use crate::AppState;
+
+/// Minimum spacing of answered status requests on the status topic, per socket.
+const STATUS_THROTTLE: Duration = Duration::from_millis(700);
+/// Frames written per flush when several are queued.
+const BATCH: usize = 64;
+
+pub struct Session<S> {
+    ws: WebSocketStream<S>,
+    state: Arc<AppState>,
+    /// The topic of the URL, authenticated by the first frame.
+    topic: String,
+    client: IpAddr,
+    conn_id: u64,
+    last_status: Option<Instant>,
+    subs: StreamMap<Arc<str>, Subscription>,
+    /// Token expiry per subscribed topic (unix seconds), for `enforce_token_expiry`.
+    expiries: HashMap<Arc<str>, i64>,
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// The socket's whole life; `pending` holds its slot until the first frame is checked.
+    pub async fn run(ws: WebSocketStream<S>, state: Arc<AppState>, pending: Pending) {
+        let mut session = Session {
+            conn_id: state.next_conn_id(),
+            topic: pending.topic().to_string(),
+            client: pending.client,
+            ws,
+            state,
+            last_status: None,
+            subs: StreamMap::new(),
+            expiries: HashMap::new(),
+        };
+        let _tracked = session.state.sockets.track();
+        let _gauge = session.state.metrics.open(Transport::WebSocket);
+        let started = Instant::now();
+        // The once-per-socket and rare steps are boxed: a task is allocated for its largest
+        // state, and these would make every idle socket pay for them.
+        let end = match Box::pin(session.authenticate(pending)).await {
+            Ok(admitted) => session.serve(admitted).await,
+            Err(end) => end,
+        };
+        Box::pin(session.finish(&end)).await;
+        session.state.metrics.ws_disconnects.inc(end.metric_label());
+        tracing::info!(
+            topic = ?session.topic,
+            client = %session.client,
+            reason = end.describe(),
+            seconds = started.elapsed().as_secs(),
+            "ws disconnected"
+        );
+    }
+
+    /// Waits for the auth frame (within `auth_timeout`) and has admission check it.
+    async fn authenticate(&mut self, pending: Pending) -> Result<Admitted, End> {
+        let deadline = Instant::now() + self.state.config.auth_timeout;
+        let mut shutdown = self.state.shutdown.clone();
+        let auth_required = End::Refused {
+            code: "auth_required",
+            message: "expected {\"type\":\"auth\",\"token\":...}",
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.wait() => return Err(End::Shutdown),
+                next = timeout_at(deadline, self.ws.next()) => next,
+            };
+            let text = match next {
+                Err(_) => {
+                    self.state.metrics.auth_failures.inc("auth_timeout");
+                    return Err(End::AuthTimeout);
+                }
+                Ok(None) => return Err(End::PeerGone),
+                Ok(Some(Err(e))) => return Err(End::from_ws(e)),
+                Ok(Some(Ok(Message::Text(text)))) => text,
+                Ok(Some(Ok(Message::Binary(_)))) => {
+                    pending.unauthenticated(&self.state);
+                    return Err(auth_required);
+                }
+                Ok(Some(Ok(Message::Close(_)))) => return Err(End::PeerClosed),
+                Ok(Some(Ok(_))) => continue,
+            };
+            let Some(Inbound::Auth {
+                token,
+                last_event_id,
+                ..
+            }) = Inbound::parse(&text)
+            else {
+                pending.unauthenticated(&self.state);
+                return Err(auth_required);
+            };
+            return pending
+                .authenticate(&self.state, token, last_event_id)
+                .map_err(End::denied);
+        }
+    }
+
+    /// The authenticated life of the socket. Subscriptions exist before `auth_ok` is sent, so
+    /// any publish made after the client saw `auth_ok` reaches it.
+    async fn serve(&mut self, admitted: Admitted) -> End {
+        let _member = self.state.presence.join(admitted.user_id);
+        let _permit = admitted.permit;
+        let Some(first) = admitted.grants.into_iter().next() else {
+            return End::denied(Denied::TokenMissing);
+        };
+        let topic = first.topic.clone();
+        let (position, replay) = self.add_subscription(first);
+        let ok = Outbound::AuthOk {
+            topic: &topic,
+            last_event_id: Some(&position),
+        };
+        if let Err(end) = self.send(Message::text(ok.to_text())).await {
+            return end;
+        }
+        if let Err(end) = self.send_replay(&topic, replay).await {
+            return end;
+        }
+        tracing::info!(topic = ?self.topic, client = %self.client, "ws connected");
+
+        let cfg = &self.state.config;
+        let (ping_every, idle_after, drain) =
+            (cfg.ping_interval, cfg.idle_timeout, cfg.shutdown_drain);
+        let mut clock = Deadlines {
+            next_ping: Instant::now() + ping_every,
+            last_heard: Instant::now(),
+            idle_after,
+            close_at: None,
+            expiry: self.expiry_deadline(),
+        };
+        // One timer for all deadlines, re-armed only when it fires or a deadline moves
+        // earlier: nothing is registered with the timer wheel per delivered event.
+        let timer = sleep_until(clock.earliest());
+        tokio::pin!(timer);
+        let mut shutdown = self.state.shutdown.clone();
+        let shutdown_started = shutdown.wait();
+        tokio::pin!(shutdown_started);
+
+        loop {
+            tokio::select! {
+                _ = &mut shutdown_started, if clock.close_at.is_none() => {
+                    let offset = crate::time::spread(self.conn_id, drain);
+                    clock.close_at = Some(Instant::now() + offset);
+                    timer.as_mut().reset(clock.earliest());
+                }
+                Some(first) = self.subs.next() => {
+                    if let Err(end) = self.deliver(first).await {
+                        return end;
+                    }
+                }
+                next = self.ws.next() => {
+                    clock.last_heard = Instant::now();
+                    match next {
+                        None => return End::PeerGone,
+                        Some(Err(e)) => return End::from_ws(e),
+                        Some(Ok(Message::Close(_))) => return End::PeerClosed,
+                        Some(Ok(Message::Text(text))) => {
+                            if let Err(end) = Box::pin(self.on_text(&text)).await {
+                                return end;
+                            }
+                            clock.expiry = self.expiry_deadline();
+                            timer.as_mut().reset(clock.earliest());
+                        }
+                        Some(Ok(_)) => {}
+                    }
+                }
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if clock.close_at.is_some_and(|t| now >= t) {
+                        return End::Shutdown;
+                    }
+                    if clock.expiry.is_some_and(|t| now >= t) {
+                        return End::Expired;
+                    }
+                    if now >= clock.last_heard + idle_after {
+                        return End::Idle;
+                    }
+                    if now >= clock.next_ping {
+                        clock.next_ping = now + ping_every;
+                        if let Err(end) = self.send(Message::Ping(Bytes::new())).await {
+                            return end;
+                        }
+                    }
+                    timer.as_mut().reset(clock.earliest());
+                }
+            }
+        }
+    }
+
+    fn expiry_deadline(&self) -> Option<Instant> {
+        crate::session::expiry_deadline(&self.state, self.expiries.values().copied())
+    }
+
+    /// Subscribes under the hub's topic lock; returns the position and what to replay.
+    fn add_subscription(&mut self, granted: Granted) -> (String, Replay) {
+        let subscribed = self
+            .state
+            .hub
+            .subscribe(&granted.topic, granted.resume.as_deref());
+        let key = subscribed.subscription.topic().clone();
+        if let Some(expires) = granted.expires {
+            self.expiries.insert(key.clone(), expires);
+        }
+        self.subs.insert(key, subscribed.subscription);
+        (subscribed.position, subscribed.replay)
+    }
+
+    async fn send_replay(&mut self, topic: &str, replay: Replay) -> Result<(), End> {
+        match replay {
+            Replay::Resync => self.send(resync_message(topic)).await,
+            Replay::Events(frames) => {
+                for frame in frames {
+                    self.feed(Message::Text(frame.text.clone())).await?;
+                }
+                self.flush().await
+            }
+        }
+    }
+
+    /// Handles a text frame after auth: subscribe/unsubscribe, token refresh, status requests.
+    async fn on_text(&mut self, text: &str) -> Result<(), End> {
+        match Inbound::parse(text) {
+            Some(Inbound::Status) if self.topic == STATUS_TOPIC => self.answer_status().await,
+            Some(Inbound::Auth { token, topic, .. }) => self.refresh(topic, token).await,
+            Some(Inbound::Subscribe {
+                topic,
+                token,
+                last_event_id,
+            }) => self.subscribe(topic, token, last_event_id).await,
+            Some(Inbound::Unsubscribe { topic }) => {
+                self.subs.remove(topic.as_str());
+                self.expiries.remove(topic.as_str());
+                let frame = Outbound::Unsubscribed { topic: &topic };
+                self.send(Message::text(frame.to_text())).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn answer_status(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        if self.last_status.is_some_and(|t| now < t + STATUS_THROTTLE) {
+            return Ok(());
+        }
+        self.last_status = Some(now);
+        let status = Status::collect(&self.state, false).await;
+        let frame = Outbound::Status { payload: &status }.to_text();
+        self.send(Message::text(frame)).await
+    }
+
+    /// A fresh token on the open socket: answered with `auth_ok`; a bad one, or one for a topic
+    /// this socket doesn't hold, closes the socket.
+    async fn refresh(&mut self, topic: Option<String>, token: String) -> Result<(), End> {
+        let topic = topic.unwrap_or_else(|| self.topic.clone());
+        let Some(key) = self.subs.keys().find(|k| ***k == *topic).cloned() else {
+            return Err(End::denied(Denied::Unauthorized(TokenError::WrongTopic)));
+        };
+        let grant = admission::regrant(&self.state, self.client, &topic, &token)
+            .await
+            .map_err(|denied| End::Refused {
+                code: "unauthorized",
+                message: denied.message(),
+            })?;
+        if let Some(expires) = grant.expires {
+            self.expiries.insert(key, expires);
+        }
+        let ok = Outbound::AuthOk {
+            topic: &topic,
+            last_event_id: None,
+        };
+        self.send(Message::text(ok.to_text())).await
+    }
+
+    /// `{"type":"subscribe","topic":T,"token":K[,"last_event_id":I]}`: adds a topic, or
+    /// answers an error frame naming it (the socket stays open).
+    async fn subscribe(
+        &mut self,
+        topic: String,
+        token: String,
+        resume: Option<String>,
+    ) -> Result<(), End> {
+        let subs = &self.subs;
+        let admitted = admission::admit_more(
+            &self.state,
+            self.client,
+            subs.len(),
+            |t| subs.contains_key(t),
+            &topic,
+            &token,
+        )
+        .await;
+        let mut granted = match admitted {
+            Ok(granted) => granted,
+            Err(refusal) => {
+                let error = Outbound::Error {
+                    code: refusal.code(),
+                    topic: Some(&topic),
+                    message: refusal.message(),
+                };
+                return self.send(Message::text(error.to_text())).await;
+            }
+        };
+        granted.resume = resume;
+        let (position, replay) = self.add_subscription(granted);
+        let ok = Outbound::Subscribed {
+            topic: &topic,
+            last_event_id: &position,
+        };
+        self.send(Message::text(ok.to_text())).await?;
+        self.send_replay(&topic, replay).await
+    }
+
+    /// Writes one delivery and whatever else is already queued, then flushes once.
+    async fn deliver(&mut self, first: (Arc<str>, Delivery)) -> Result<(), End> {
+        let published = match &first.1 {
+            Delivery::Event(frame) => Some(frame.published),
+            Delivery::Resync => None,
+        };
+        self.feed(delivery_message(first)).await?;
+        for _ in 1..BATCH {
+            match self.subs.next().now_or_never() {
+                Some(Some(next)) => self.feed(delivery_message(next)).await?,
+                _ => break,
+            }
+        }
+        self.flush().await?;
+        if let Some(published) = published {
+            self.state
+                .metrics
+                .publish_to_send
+                .observe(published.elapsed());
+        }
+        Ok(())
+    }
+
+    /// Queues a frame. (A client that takes nothing for `idle_timeout` fails the write: the
+    /// connection's writer carries that deadline.)
+    async fn feed(&mut self, msg: Message) -> Result<(), End> {
+        self.ws.feed(msg).await.map_err(End::from_ws)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        self.ws.flush().await.map_err(End::from_ws)
+    }
+
+    async fn send(&mut self, msg: Message) -> Result<(), End> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    /// Says why (error frame), closes with a code, and waits briefly for the client's close.
+    async fn finish(&mut self, end: &End) {
+        let grace = Duration::from_secs(1);
+        if let Some(frame) = end.error_frame() {
+            let _ = timeout(grace, self.ws.send(Message::text(frame))).await;
+        }
+        if let Some(close) = end.close_frame() {
+            let _ = timeout(grace, self.ws.close(Some(close))).await;
+        }
+        if !matches!(end, End::PeerGone | End::WriteStalled) {
+            let _ = timeout(grace, async {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            })
+            .await;
+        }
+    }
+}
+
+fn delivery_message((topic, delivery): (Arc<str>, Delivery)) -> Message {
+    match delivery {
+        Delivery::Event(frame) => Message::Text(frame.text.clone()),
+        Delivery::Resync => resync_message(&topic),
+    }
+}
+
+fn resync_message(topic: &str) -> Message {
+    Message::Text(Utf8Bytes::from(Outbound::Resync { topic }.to_text()))
+}
+
+/// The moments a socket must act on without any traffic.
+struct Deadlines {
+    next_ping: Instant,
+    last_heard: Instant,
+    idle_after: Duration,
+    close_at: Option<Instant>,
+    expiry: Option<Instant>,
+}
+
+impl Deadlines {
+    fn earliest(&self) -> Instant {
+        let mut t = self.next_ping.min(self.last_heard + self.idle_after);
+        for d in [self.close_at, self.expiry].into_iter().flatten() {
+            t = t.min(d);
+        }
+        t
+    }
+}

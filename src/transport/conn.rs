@@ -1,0 +1,141 @@
+//! A client connection as the sessions see it: the socket, the bytes already read from it put
+//! back in front, and a write-stall deadline.
+//!
+//! The deadline lives here, in the writer every path shares (the hand-written stream path,
+//! hyper's path and the upgraded WebSocket), so a client that stops reading is dropped after
+//! `stall` whichever code writes to it. A timer exists only while a write waits: the usual
+//! write, which the socket takes at once, costs no timer at all.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+pub struct Conn {
+    prefix: Bytes,
+    io: TcpStream,
+    stall: Duration,
+    /// Boxed and made on the first write that waits, so idle connections don't carry it.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` is counting for the write that waits now.
+    armed: bool,
+}
+
+/// The error a write fails with once its client took nothing for the stall limit.
+pub fn is_stall(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::TimedOut
+}
+
+impl Conn {
+    /// `stall`: how long a write may wait for the client to take bytes.
+    pub fn new(io: TcpStream, prefix: Bytes, stall: Duration) -> Conn {
+        Conn {
+            prefix,
+            io,
+            stall,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    /// Ends our side of the connection and reads (and drops) what the client still sends, for
+    /// up to `linger`, so that closing does not reset the connection while the client's data
+    /// is unread: a reset can destroy an answer the client has not read yet.
+    pub async fn close_gracefully(mut self, linger: Duration) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if self.shutdown().await.is_err() {
+            return;
+        }
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(linger, async {
+            while let Ok(n) = self.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Passes a write's progress through, and fails a write that has waited `stall`.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.armed = false;
+            return r;
+        }
+        let deadline = Instant::now() + self.stall;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client took nothing within the stall limit",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        if self.prefix.is_empty() {
+            // Let the head's buffer go now rather than with the connection.
+            self.prefix = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
