@@ -12,7 +12,7 @@ use warp::reply::Response;
 use warp::Filter;
 
 use crate::session::{sse, ws};
-use crate::transport::Routes;
+use crate::transport::{PeerAddr, Routes};
 use crate::AppState;
 
 /// Every way a request can fail, mapped to its HTTP answer in `into_response`.
@@ -154,6 +154,20 @@ fn ready(
 /// string on failure, and ours may carry a token.)
 pub fn query_raw() -> impl Filter<Extract = (String,), Error = std::convert::Infallible> + Clone {
     warp::query::raw().or(warp::any().map(String::new)).unify()
+}
+
+/// What a stream route (`/ws`, `/sse`) reads of its request: method, raw query, headers and
+/// the peer's address.
+pub fn stream_request(
+    path: &'static str,
+) -> impl Filter<Extract = (Method, String, http::HeaderMap, PeerAddr), Error = warp::Rejection> + Clone
+{
+    warp::path(path)
+        .and(warp::path::end())
+        .and(warp::method())
+        .and(query_raw())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::get::<PeerAddr>())
 }
 
 /// Query parameters in order (repeated keys kept).

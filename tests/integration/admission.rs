@@ -231,24 +231,14 @@ async fn an_sse_stream_served_by_hyper_is_dropped_when_its_client_stops_reading(
     let t = start("ping_interval = \"500ms\"\nidle_timeout = \"1s\"").await;
     register(&t, "qso.1", true).await;
     let path = sse_path("qso.1", &token_for("qso.1", 1, 60));
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stuck = socket.connect(t.public).await.unwrap();
     // A first request on the connection, so hyper serves the stream that follows.
-    stuck
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stuck = stuck_client(&t, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let mut buf = [0u8; 512];
     let n = stuck.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
     stuck.write_all(request.as_bytes()).await.unwrap();
     eventually_metric(&t, "wavelog_worker_connections{transport=\"sse\"} 1").await;
-    let filler = "x".repeat(30_000);
-    for i in 0..300 {
-        let payload = format!("{{\"n\":{i},\"f\":\"{filler}\"}}");
-        assert_eq!(publish(&t, "qso.1", &payload).await, 200);
-    }
+    publish_large(&t, "qso.1", 300).await;
     eventually_metric(&t, "wavelog_worker_connections{transport=\"sse\"} 0").await;
 }

@@ -594,3 +594,22 @@ pub async fn one_order_everywhere(subs: &mut [Ws], n: usize) -> Vec<(String, Str
     );
     orders.swap_remove(0)
 }
+
+/// A client with a tiny receive window that sends `first` and then reads nothing, so the
+/// worker's writes to it back up quickly.
+pub async fn stuck_client(t: &TestWorker, first: &[u8]) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(t.public).await.unwrap();
+    stuck.write_all(first).await.unwrap();
+    stuck
+}
+
+/// Publishes `n` events of about 30 KB (`{"n":i,"f":"xxx..."}`) to `topic`.
+pub async fn publish_large(t: &TestWorker, topic: &str, n: usize) {
+    let filler = "x".repeat(30_000);
+    for i in 0..n {
+        let payload = format!("{{\"n\":{i},\"f\":\"{filler}\"}}");
+        assert_eq!(publish(t, topic, &payload).await, 200);
+    }
+}

@@ -194,14 +194,9 @@ async fn an_sse_client_that_takes_nothing_is_dropped_after_idle_timeout() {
     let t = start("ping_interval = \"500ms\"\nidle_timeout = \"1s\"").await;
     register(&t, "qso.1", true).await;
     let path = sse_path("qso.1", &token_for("qso.1", 1, 60));
-    // A tiny receive window, so the worker's writes back up quickly.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stuck = socket.connect(t.public).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    stuck.write_all(request.as_bytes()).await.unwrap();
+    let mut stuck = stuck_client(&t, request.as_bytes()).await;
     eventually_metric(&t, "wavelog_worker_connections{transport=\"sse\"} 1").await;
-    let filler = "x".repeat(30_000);
     let mut reader = SseClient::connect(t.public, &path, &[]).await.unwrap();
     let reading = tokio::spawn(async move {
         assert_eq!(
@@ -212,10 +207,7 @@ async fn an_sse_client_that_takes_nothing_is_dropped_after_idle_timeout() {
             assert_eq!(reader.next_json().await["payload"]["n"], i);
         }
     });
-    for i in 0..300 {
-        let payload = format!("{{\"n\":{i},\"f\":\"{filler}\"}}");
-        assert_eq!(publish(&t, "qso.1", &payload).await, 200);
-    }
+    publish_large(&t, "qso.1", 300).await;
     reading.await.expect("the reading client got every event");
     // The stuck client is dropped; nobody else was held up meanwhile.
     eventually_metric(&t, "wavelog_worker_connections{transport=\"sse\"} 0").await;

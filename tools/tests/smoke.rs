@@ -4,24 +4,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// A fresh directory under the system's temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("wavelog-tools-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The worker binary of the same build (`cargo test --workspace` builds it beside ours:
 /// `target/<profile>/wavelog-worker`, this test being `target/<profile>/deps/smoke-*`).
 fn worker_bin() -> PathBuf {
@@ -41,11 +23,12 @@ fn worker_bin() -> PathBuf {
 
 #[test]
 fn fanout_bench_smoke_run_loses_nothing() {
-    let dir = TempDir::new("bench");
+    let dir = std::env::temp_dir().join(format!("wavelog-tools-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     // The last run splits its subscribers over two tool processes, as runs beyond one
     // process's file limit do.
     for (transport, processes) in [("ws", "1"), ("sse", "1"), ("ws", "2")] {
-        let json = dir.0.join(format!("{transport}-{processes}.json"));
+        let json = dir.join(format!("{transport}-{processes}.json"));
         let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
             .args([
                 "run",
@@ -94,12 +77,12 @@ fn fanout_bench_smoke_run_loses_nothing() {
         );
         assert!(r["delivery"]["latency_us"]["p50"].as_u64().is_some());
     }
-    let md = dir.0.join("t.md");
-    let svg = dir.0.join("c.svg");
+    let md = dir.join("t.md");
+    let svg = dir.join("c.svg");
     let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
         .arg("report")
-        .arg(dir.0.join("ws-1.json"))
-        .arg(dir.0.join("sse-1.json"))
+        .arg(dir.join("ws-1.json"))
+        .arg(dir.join("sse-1.json"))
         .arg("--markdown")
         .arg(&md)
         .arg("--svg")
@@ -109,4 +92,5 @@ fn fanout_bench_smoke_run_loses_nothing() {
     assert!(out.status.success());
     assert_eq!(std::fs::read_to_string(&md).unwrap().lines().count(), 4);
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,7 +22,7 @@ use warp::{Filter, Reply};
 
 use crate::admission::{self, check_origin, Request};
 use crate::metrics::Transport;
-use crate::routes::{query_raw, with_state, ApiError};
+use crate::routes::{stream_request, with_state, ApiError};
 use crate::transport::http1::{self, Conn, Framing, Head};
 use crate::transport::PeerAddr;
 use crate::AppState;
@@ -31,30 +31,23 @@ use stream::EventStream;
 pub fn route(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    warp::path("sse")
-        .and(warp::path::end())
-        .and(warp::method())
-        .and(query_raw())
-        .and(warp::header::headers_cloned())
-        .and(warp::ext::get::<PeerAddr>())
-        .and(with_state(state))
-        .then(
-            |method: Method,
-             query: String,
-             headers: HeaderMap,
-             peer: PeerAddr,
-             state: Arc<AppState>| async move {
-                match respond(method, &query, &headers, peer.0, &state).await {
-                    Answer::Plain(res) => res,
-                    // On a connection hyper already serves: hyper polls the stream.
-                    Answer::Stream(head, stream) => {
-                        let mut res = warp::reply::stream(stream).into_response();
-                        res.headers_mut().extend(head);
-                        res
-                    }
+    stream_request("sse").and(with_state(state)).then(
+        |method: Method,
+         query: String,
+         headers: HeaderMap,
+         peer: PeerAddr,
+         state: Arc<AppState>| async move {
+            match respond(method, &query, &headers, peer.0, &state).await {
+                Answer::Plain(res) => res,
+                // On a connection hyper already serves: hyper polls the stream.
+                Answer::Stream(head, stream) => {
+                    let mut res = warp::reply::stream(stream).into_response();
+                    res.headers_mut().extend(head);
+                    res
                 }
-            },
-        )
+            }
+        },
+    )
 }
 
 /// A `/sse` request as a connection's first request: answered here, without hyper's buffers

@@ -22,7 +22,7 @@ use warp::Filter;
 
 use crate::admission::{self, Pending, Request};
 use crate::metrics::Transport;
-use crate::routes::{query_raw, with_state, ApiError};
+use crate::routes::{stream_request, with_state, ApiError};
 use crate::transport::http1::{self, Conn, Framing, Head};
 use crate::transport::PeerAddr;
 use crate::AppState;
@@ -31,12 +31,7 @@ use session::Session;
 pub fn route(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    warp::path("ws")
-        .and(warp::path::end())
-        .and(warp::method())
-        .and(query_raw())
-        .and(warp::header::headers_cloned())
-        .and(warp::ext::get::<PeerAddr>())
+    stream_request("ws")
         .and(warp::ext::optional::<OnUpgrade>())
         .and(with_state(state))
         .then(
