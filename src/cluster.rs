@@ -32,10 +32,14 @@ use redis::{AsyncConnectionConfig, Client, Script};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::bounded::BoundedMap;
 use crate::hub::{Hub, Published, CLUSTER_SCALE};
 use crate::metrics::Metrics;
 use crate::registry::{TopicMeta, STATUS_TOPIC};
 use crate::sync::lock;
+
+/// Cached negative answers at most (each kept for `registry_cache_ttl`).
+const MAX_NEGATIVE_ENTRIES: usize = 10_000;
 use crate::token::random_hex;
 use crate::transport::Shutdown;
 
@@ -85,7 +89,12 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     conn: RwLock<Option<MultiplexedConnection>>,
     up: AtomicBool,
+    /// Registered topics as last seen (for `registry_cache_ttl`, and while Redis is away for
+    /// up to `topic_ttl`). Keys come from Redis or the backend, never from a browser alone.
     cache: Mutex<HashMap<String, Cached>>,
+    /// Names found unregistered, each kept for `registry_cache_ttl`: a browser can ask for any
+    /// name, so this one is bounded and evicts in O(1).
+    negative: Mutex<BoundedMap<String, Instant>>,
     cache_ttl: Duration,
     topic_ttl: Duration,
     /// Topics whose events could not reach Redis: other nodes are told to resync them.
@@ -152,6 +161,7 @@ impl Cluster {
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
             cache: Mutex::new(HashMap::new()),
+            negative: Mutex::new(BoundedMap::new(MAX_NEGATIVE_ENTRIES)),
             cache_ttl,
             topic_ttl,
             missed: Mutex::new(HashSet::new()),
@@ -334,8 +344,10 @@ impl Cluster {
         match control.op.as_str() {
             "invalidate" => {
                 let mut cache = lock(&self.cache);
+                let mut negative = lock(&self.negative);
                 for topic in &control.topics {
                     cache.remove(topic);
+                    negative.remove(topic);
                 }
             }
             "resync" => {
@@ -491,6 +503,12 @@ impl Cluster {
                 return c.meta;
             }
         }
+        let known_absent = lock(&self.negative)
+            .get(&topic.to_string())
+            .is_some_and(|at| at.elapsed() < self.cache_ttl);
+        if known_absent {
+            return None;
+        }
         let key = format!("{TOPIC_PREFIX}{topic}");
         match self
             .command::<Option<String>>(redis::cmd("GET").arg(&key))
@@ -514,11 +532,13 @@ impl Cluster {
     }
 
     fn cache_put(&self, topic: &str, meta: Option<TopicMeta>, pending_write: bool) {
-        let mut cache = lock(&self.cache);
-        if cache.len() > 100_000 {
-            let ttl = self.topic_ttl;
-            cache.retain(|_, c| c.pending_write || c.fetched.elapsed() < ttl);
+        if meta.is_none() && !pending_write {
+            lock(&self.cache).remove(topic);
+            lock(&self.negative).insert(topic.to_string(), Instant::now());
+            return;
         }
+        lock(&self.negative).remove(&topic.to_string());
+        let mut cache = lock(&self.cache);
         cache.insert(
             topic.to_string(),
             Cached {
@@ -564,6 +584,19 @@ impl Cluster {
             .await;
         self.cache_put(topic, None, false);
         self.control("invalidate", &[topic.to_string()]).await;
+    }
+
+    /// Forgets what is past its use: negative answers after `registry_cache_ttl`, registrations
+    /// after `topic_ttl` (unless still to be written to Redis).
+    pub fn sweep_cache(&self) {
+        let (fresh, ttl) = (self.cache_ttl, self.topic_ttl);
+        lock(&self.negative).retain(|_, at| at.elapsed() < fresh);
+        lock(&self.cache).retain(|_, c| c.pending_write || c.fetched.elapsed() < ttl);
+    }
+
+    /// Cached negative answers, for the metrics.
+    pub fn negative_entries(&self) -> usize {
+        lock(&self.negative).len()
     }
 
     /// Registrations made while Redis was away, written now that it is back.

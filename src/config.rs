@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::cidr::Cidr;
 use crate::duration;
 
 /// The secret shared with Wavelog's PHP backend. Its `Debug` never shows the value.
@@ -85,6 +86,16 @@ pub struct Config {
     /// beyond that its connection attempts get 429.
     pub auth_failure_burst: u32,
     pub auth_failures_per_minute: u32,
+    /// Probes of unregistered topics a client may make at once, then `topic_probes_per_minute`
+    /// (enumerating `qso.<id>` takes thousands; a club's stale tabs make dozens).
+    pub topic_probe_burst: u32,
+    pub topic_probes_per_minute: u32,
+    /// Inbound frames a WebSocket may send at once, then `inbound_frames_per_second`; a socket
+    /// that floods is closed.
+    pub inbound_frame_burst: u32,
+    pub inbound_frames_per_second: u32,
+    /// Peers whose `X-Real-IP` / `X-Forwarded-For` name the client (addresses or CIDRs).
+    pub trusted_proxies: Vec<Cidr>,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
 }
@@ -127,6 +138,11 @@ const KEYS: &[&str] = &[
     "registry_cache_ttl",
     "auth_failure_burst",
     "auth_failures_per_minute",
+    "topic_probe_burst",
+    "topic_probes_per_minute",
+    "inbound_frame_burst",
+    "inbound_frames_per_second",
+    "trusted_proxies",
 ];
 
 /// One line naming the key and the problem.
@@ -265,6 +281,24 @@ impl Source<'_> {
             .map(|s| s.trim().trim_end_matches('/').to_string())
             .filter(|s| !s.is_empty())
             .collect())
+    }
+
+    /// A list of addresses or CIDRs; `default` when the key is absent.
+    fn cidrs(&self, key: &str, default: &[&str]) -> Result<Vec<Cidr>, ConfigError> {
+        let items = match self.get(key) {
+            None => default.iter().map(|s| s.to_string()).collect(),
+            Some(_) => self.list(key)?,
+        };
+        items
+            .iter()
+            .map(|item| {
+                Cidr::parse(item).ok_or_else(|| {
+                    ConfigError(format!(
+                        "key \"{key}\": {item:?} is not an address or CIDR (e.g. \"10.0.0.0/8\")"
+                    ))
+                })
+            })
+            .collect()
     }
 
     fn positive_duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
@@ -421,6 +455,13 @@ impl Config {
             auth_failure_burst: src.integer("auth_failure_burst", 20, 1, 1_000_000)? as u32,
             auth_failures_per_minute: src.integer("auth_failures_per_minute", 30, 1, 1_000_000)?
                 as u32,
+            topic_probe_burst: src.integer("topic_probe_burst", 200, 1, 1_000_000)? as u32,
+            topic_probes_per_minute: src.integer("topic_probes_per_minute", 120, 1, 1_000_000)?
+                as u32,
+            inbound_frame_burst: src.integer("inbound_frame_burst", 20, 1, 1_000_000)? as u32,
+            inbound_frames_per_second: src.integer("inbound_frames_per_second", 5, 1, 1_000_000)?
+                as u32,
+            trusted_proxies: src.cidrs("trusted_proxies", &["127.0.0.0/8", "::1"])?,
             log_format: match src.string("log_format", "text")?.as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
@@ -440,6 +481,11 @@ impl Config {
         let d = |d: Duration| format!("\"{}\"", duration::format_precise(d));
         let s = |s: &str| toml_string(s);
         let origins: Vec<String> = self.allowed_origins.iter().map(|o| s(o)).collect();
+        let proxies: Vec<String> = self
+            .trusted_proxies
+            .iter()
+            .map(|c| s(&c.to_string()))
+            .collect();
         let lines = [
             ("ws_bind", s(&self.ws_bind)),
             ("ws_port", self.ws_port.to_string()),
@@ -464,6 +510,7 @@ impl Config {
             ),
             ("registry_cache_ttl", d(self.registry_cache_ttl)),
             ("allowed_origins", format!("[{}]", origins.join(", "))),
+            ("trusted_proxies", format!("[{}]", proxies.join(", "))),
             ("sse_keepalive", d(self.sse_keepalive)),
             ("sse_retry", d(self.sse_retry)),
             ("history_size", self.history_size.to_string()),
@@ -483,6 +530,16 @@ impl Config {
             (
                 "auth_failures_per_minute",
                 self.auth_failures_per_minute.to_string(),
+            ),
+            ("topic_probe_burst", self.topic_probe_burst.to_string()),
+            (
+                "topic_probes_per_minute",
+                self.topic_probes_per_minute.to_string(),
+            ),
+            ("inbound_frame_burst", self.inbound_frame_burst.to_string()),
+            (
+                "inbound_frames_per_second",
+                self.inbound_frames_per_second.to_string(),
             ),
             (
                 "log_format",

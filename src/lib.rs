@@ -4,6 +4,8 @@
 //! calls `run`, so tests start exactly the same server in-process on port 0.
 
 pub mod admission;
+mod bounded;
+pub mod cidr;
 pub mod cluster;
 pub mod config;
 pub mod duration;
@@ -49,8 +51,10 @@ pub struct AppState {
     pub cluster: Option<Arc<Cluster>>,
     pub metrics: Arc<Metrics>,
     pub limits: admission::ConnectionLimits,
-    /// Failed authentications per client IP.
+    /// Token guesses (bad signatures, undecodable tokens) per client.
     pub auth_throttle: admission::AuthThrottle,
+    /// Probes of unregistered topics per client.
+    pub probe_throttle: admission::AuthThrottle,
     pub started: Instant,
     pub shutdown: Shutdown,
     /// Open WebSockets (and later streams), so shutdown can wait for them to close.
@@ -208,6 +212,10 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
             config.auth_failure_burst,
             config.auth_failures_per_minute,
         ),
+        probe_throttle: admission::AuthThrottle::new(
+            config.topic_probe_burst,
+            config.topic_probes_per_minute,
+        ),
         limits: admission::ConnectionLimits::new(
             config.max_connections,
             config.max_connections_per_ip,
@@ -310,6 +318,11 @@ async fn sweep(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         state.hub.sweep();
+        state.auth_throttle.sweep();
+        state.probe_throttle.sweep();
+        if let Some(cluster) = &state.cluster {
+            cluster.sweep_cache();
+        }
         trim_heap();
         let dropped = state.registry.sweep();
         if dropped > 0 {

@@ -132,9 +132,9 @@ pub struct Metrics {
     pub lagged_events: AtomicU64,
     /// Publishes that reached local subscribers only (Redis away).
     pub cluster_publish_failures: AtomicU64,
-    pub limit_refusals: CounterVec<5>,
+    pub limit_refusals: CounterVec<6>,
     /// WebSocket closes, by why.
-    pub ws_disconnects: CounterVec<10>,
+    pub ws_disconnects: CounterVec<12>,
     pub publish_to_send: Histogram,
 }
 
@@ -175,6 +175,7 @@ impl Default for Metrics {
                     "max_topics",
                     "max_payload_bytes",
                     "auth_failures",
+                    "topic_probes",
                 ],
             ),
             publish_to_send: Histogram::new(),
@@ -191,6 +192,8 @@ impl Default for Metrics {
                     "client_not_reading",
                     "token_expired",
                     "shutdown",
+                    "flooding",
+                    "too_many_failures",
                 ],
             ),
         }
@@ -256,6 +259,20 @@ impl Metrics {
             "gauge",
             "Distinct authenticated users plus anonymous connections.",
             clients,
+        );
+        sample(
+            o,
+            "throttle_tracked_clients",
+            "gauge",
+            "Clients with failures on record (token guesses and topic probes; bounded).",
+            (state.auth_throttle.tracked() + state.probe_throttle.tracked()) as u64,
+        );
+        sample(
+            o,
+            "registry_cache_negative_entries",
+            "gauge",
+            "Cluster mode: cached answers that a topic is not registered (bounded, kept for registry_cache_ttl).",
+            state.cluster.as_ref().map_or(0, |c| c.negative_entries()) as u64,
         );
         labelled(
             o,

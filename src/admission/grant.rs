@@ -45,6 +45,15 @@ impl Denied {
         }
     }
 
+    /// What guessing at tokens looks like: a bad signature or a token that cannot even be
+    /// decoded. (A validly signed token that expired or names another topic is not a guess.)
+    pub fn is_guess(self) -> bool {
+        matches!(
+            self,
+            Denied::Unauthorized(TokenError::BadSignature | TokenError::Malformed)
+        )
+    }
+
     pub fn message(self) -> &'static str {
         match self {
             Denied::NotRegistered => "topic not registered",

@@ -5,6 +5,8 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::bounded::BoundedMap;
+use crate::cidr::client_key;
 use crate::sync::lock;
 
 /// Which limit refused a connection.
@@ -53,8 +55,10 @@ impl ConnectionLimits {
         }
     }
 
-    /// Takes a slot for a connection from `ip`, or says which limit is reached.
+    /// Takes a slot for a connection from `ip` (an IPv6 client counts by its /64), or says
+    /// which limit is reached.
     pub fn acquire(&self, ip: IpAddr) -> Result<Permit, LimitHit> {
+        let ip = client_key(ip);
         let inner = &self.inner;
         let mut per_ip = lock(&inner.per_ip);
         if inner.total.load(Ordering::Acquire) >= inner.max_total {
@@ -105,13 +109,14 @@ mod tests {
     }
 }
 
-/// Slows down token guessing: each client IP may fail authentication `burst` times, then once
-/// per `1 / rate` seconds; beyond that its connection attempts are refused (429) before any
-/// token is looked at, so the worker cannot serve as a signature oracle at line rate.
+/// A leaky bucket per client (an IPv6 client by its /64): each may fail `burst` times, then
+/// once per `1 / rate` seconds; beyond that its attempts are refused (429) before anything is
+/// looked at. Used twice: for token guesses (a signature oracle at line rate is what it
+/// prevents) and, more generously, for probes of unregistered topics (enumeration).
 pub struct AuthThrottle {
     burst: f64,
     per_second: f64,
-    buckets: std::sync::Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<BoundedMap<IpAddr, Bucket>>,
 }
 
 #[derive(Clone, Copy)]
@@ -121,15 +126,16 @@ struct Bucket {
     updated: std::time::Instant,
 }
 
-/// Entries kept at most; the oldest full buckets go first when there are more.
-const MAX_TRACKED_IPS: usize = 100_000;
+/// Clients tracked at most; past that the bucket written longest ago is forgotten (a client
+/// that was failing then starts afresh, which costs an attacker 100,000 other addresses).
+const MAX_TRACKED_CLIENTS: usize = 100_000;
 
 impl AuthThrottle {
     pub fn new(burst: u32, per_minute: u32) -> Self {
         AuthThrottle {
             burst: f64::from(burst.max(1)),
             per_second: f64::from(per_minute) / 60.0,
-            buckets: std::sync::Mutex::new(HashMap::new()),
+            buckets: Mutex::new(BoundedMap::new(MAX_TRACKED_CLIENTS)),
         }
     }
 
@@ -139,11 +145,11 @@ impl AuthThrottle {
         b.updated = now;
     }
 
-    /// Whether `ip` may try to authenticate now.
+    /// Whether `ip` may try now.
     pub fn allows(&self, ip: IpAddr) -> bool {
         let now = std::time::Instant::now();
         let mut buckets = lock(&self.buckets);
-        match buckets.get_mut(&ip) {
+        match buckets.get_mut(&client_key(ip)) {
             Some(b) => {
                 self.refill(b, now);
                 b.allowance >= 1.0
@@ -152,24 +158,33 @@ impl AuthThrottle {
         }
     }
 
-    /// Counts one failed authentication of `ip`.
+    /// Counts one failure of `ip`.
     pub fn failed(&self, ip: IpAddr) {
         let now = std::time::Instant::now();
+        let key = client_key(ip);
         let mut buckets = lock(&self.buckets);
-        if buckets.len() >= MAX_TRACKED_IPS && !buckets.contains_key(&ip) {
-            let burst = self.burst;
-            let per_second = self.per_second;
-            buckets.retain(|_, b| {
-                let elapsed = now.duration_since(b.updated).as_secs_f64();
-                b.allowance + elapsed * per_second < burst
-            });
-        }
-        let b = buckets.entry(ip).or_insert(Bucket {
+        let mut b = buckets.get(&key).copied().unwrap_or(Bucket {
             allowance: self.burst,
             updated: now,
         });
-        self.refill(b, now);
+        self.refill(&mut b, now);
         b.allowance = (b.allowance - 1.0).max(0.0);
+        buckets.insert(key, b);
+    }
+
+    /// Forgets the clients whose bucket has refilled: they are as if never seen.
+    pub fn sweep(&self) {
+        let now = std::time::Instant::now();
+        let (burst, per_second) = (self.burst, self.per_second);
+        lock(&self.buckets).retain(|_, b| {
+            let elapsed = now.duration_since(b.updated).as_secs_f64();
+            b.allowance + elapsed * per_second < burst
+        });
+    }
+
+    /// Clients tracked now.
+    pub fn tracked(&self) -> usize {
+        lock(&self.buckets).len()
     }
 }
 
@@ -190,5 +205,20 @@ mod throttle_tests {
         assert!(t.allows(other), "per IP");
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert!(t.allows(ip), "one more per second");
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_64_and_full_buckets_are_swept() {
+        let t = AuthThrottle::new(2, 600);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        t.failed(a);
+        t.failed(b);
+        assert!(!t.allows("2001:db8:1:2::42".parse().unwrap()), "one /64");
+        assert!(t.allows("2001:db8:1:3::1".parse().unwrap()));
+        assert_eq!(t.tracked(), 1);
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        t.sweep();
+        assert_eq!(t.tracked(), 0, "refilled buckets are forgotten");
     }
 }

@@ -96,15 +96,13 @@ pub async fn admit(state: &AppState, req: Request<'_>) -> Result<Pending, ApiErr
             "at most {limit} topics per connection"
         )));
     }
-    let client = client_ip(req.headers, req.peer);
+    let client = client_ip(req.headers, req.peer, &state.config.trusted_proxies);
+    throttled(state, client)?;
     let permit = take_slot(state, client)?;
     let mut wanted = Vec::with_capacity(asked.len());
     for (topic, token, resume) in asked {
         let Some(meta) = state.lookup_topic(&topic).await else {
-            state
-                .metrics
-                .auth_failures
-                .inc(Denied::NotRegistered.metric_reason());
+            refused(state, client, &topic, Denied::NotRegistered);
             return Err(ApiError::NotFound("topic not registered"));
         };
         wanted.push(Wanted {
@@ -186,6 +184,8 @@ pub enum Refusal {
     BadRequest(&'static str),
     AlreadySubscribed,
     TooManyTopics,
+    /// The client failed too often (the same throttle as new connections).
+    Throttled,
     Denied(Denied),
 }
 
@@ -195,6 +195,7 @@ impl Refusal {
             Refusal::BadRequest(_) => "bad_request",
             Refusal::AlreadySubscribed => "already_subscribed",
             Refusal::TooManyTopics => "too_many_topics",
+            Refusal::Throttled => "rate_limited",
             Refusal::Denied(d) => d.code(),
         }
     }
@@ -204,7 +205,17 @@ impl Refusal {
             Refusal::BadRequest(why) => why,
             Refusal::AlreadySubscribed => "already subscribed",
             Refusal::TooManyTopics => "topic limit per connection reached",
+            Refusal::Throttled => "too many failed attempts from this address; try again later",
             Refusal::Denied(d) => d.message(),
+        }
+    }
+
+    /// Whether this refusal counts towards closing the socket: what guessing looks like.
+    pub fn is_failure(self) -> bool {
+        match self {
+            Refusal::Throttled => true,
+            Refusal::Denied(d) => d.is_guess() || d == Denied::NotRegistered,
+            _ => false,
         }
     }
 }
@@ -226,11 +237,9 @@ pub async fn admit_more(
     if held >= state.config.max_topics_per_connection {
         return Err(Refusal::TooManyTopics);
     }
+    throttled(state, client).map_err(|_| Refusal::Throttled)?;
     let Some(meta) = state.lookup_topic(topic).await else {
-        state
-            .metrics
-            .auth_failures
-            .inc(Denied::NotRegistered.metric_reason());
+        refused(state, client, topic, Denied::NotRegistered);
         return Err(Refusal::Denied(Denied::NotRegistered));
     };
     let grant = grant::check(state, topic, meta, token).map_err(|denied| {
@@ -261,24 +270,40 @@ pub async fn regrant(
         .inspect_err(|&denied| refused(state, client, topic, denied))
 }
 
-/// Counts and logs a refused token: in the metrics, in the throttle (an unregistered topic is
-/// not a guess at a token), and in the log (without the token).
+/// Counts and logs a refusal: in the metrics, in the log (without the token), and in the
+/// throttle that fits. A guess (a bad signature, an undecodable token) counts towards the
+/// token throttle; a probe of an unregistered topic towards the more generous probe throttle.
+/// A validly signed token that expired or names another topic counts nowhere: it proves the
+/// client once had a real token, and is what a club's stale tabs send after a restart.
 fn refused(state: &AppState, client: IpAddr, topic: &str, denied: Denied) {
     state.metrics.auth_failures.inc(denied.metric_reason());
-    if denied != Denied::NotRegistered {
+    if denied.is_guess() {
         state.auth_throttle.failed(client);
+    } else if denied == Denied::NotRegistered {
+        state.probe_throttle.failed(client);
     }
     tracing::info!(topic = ?topic, client = %client, reason = denied.message(), "auth refused");
 }
 
-/// The throttle, then a connection slot.
-fn take_slot(state: &AppState, client: IpAddr) -> Result<Permit, ApiError> {
+/// 429 while the client is throttled for guessing tokens or probing topics.
+fn throttled(state: &AppState, client: IpAddr) -> Result<(), ApiError> {
     if !state.auth_throttle.allows(client) {
         state.metrics.limit_refusals.inc("auth_failures");
         return Err(ApiError::TooManyRequests(
             "too many failed authentications from this address; try again later",
         ));
     }
+    if !state.probe_throttle.allows(client) {
+        state.metrics.limit_refusals.inc("topic_probes");
+        return Err(ApiError::TooManyRequests(
+            "too many requests for unregistered topics from this address; try again later",
+        ));
+    }
+    Ok(())
+}
+
+/// A connection slot: 503 when the worker is full, 429 when this client holds too many.
+fn take_slot(state: &AppState, client: IpAddr) -> Result<Permit, ApiError> {
     state.limits.acquire(client).map_err(|hit| {
         state.metrics.limit_refusals.inc(hit.metric_label());
         match hit {

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::common::*;
 
 /// A `redis-server` on a free loopback port, killed on drop.
-struct Redis {
+pub struct Redis {
     binary: std::path::PathBuf,
     port: u16,
     child: Option<Child>,
@@ -18,7 +18,7 @@ struct Redis {
 
 impl Redis {
     /// `None` (test skipped, with a message) when redis-server is not installed.
-    async fn start() -> Option<Redis> {
+    pub async fn start() -> Option<Redis> {
         let binary = require_tool("redis-server")?;
         let mut redis = Redis {
             binary,
@@ -59,7 +59,7 @@ impl Redis {
         }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 

@@ -12,4 +12,5 @@ mod process;
 mod resume;
 mod security;
 mod sse;
+mod trust;
 mod websocket;

@@ -230,6 +230,15 @@ async fn token_abuse_is_refused_and_refusals_are_rate_limited_per_ip() {
             .err();
         assert_eq!(refused.map(|a| a.status), Some(401), "{what}");
     }
+    // The expired and the other-topic token are validly signed: they prove the client once
+    // had a real token and count nowhere (a club's stale tabs). The three forgeries counted;
+    // two more fill the burst of 5.
+    for forged in ["7b7d.00", "not-even-hex"] {
+        let refused = SseClient::connect(t.public, &sse_path("qso.1", forged), &attacker)
+            .await
+            .err();
+        assert_eq!(refused.map(|a| a.status), Some(401), "{forged}");
+    }
     // The burst is used up: even a valid token from that address waits now, before any check.
     let throttled = SseClient::connect(t.public, &sse_path("qso.1", &valid), &attacker)
         .await

@@ -26,6 +26,10 @@ pub enum End {
     WriteStalled,
     Expired,
     Shutdown,
+    /// More inbound frames than the socket's budget allows.
+    Flooding,
+    /// Too many refused subscriptions that look like guessing on this socket.
+    TooManyFailures,
 }
 
 impl End {
@@ -52,6 +56,8 @@ impl End {
         let (code, message) = match self {
             End::Refused { code, message } => (*code, *message),
             End::Expired => ("auth_expired", "token expired"),
+            End::Flooding => ("rate_limited", "too many frames"),
+            End::TooManyFailures => ("rate_limited", "too many failed subscriptions"),
             _ => return None,
         };
         let frame = Outbound::Error {
@@ -71,6 +77,8 @@ impl End {
             End::TooBig => (CloseCode::Size, "frame too large"),
             End::InvalidData => (CloseCode::Invalid, "invalid frame"),
             End::Shutdown => (CloseCode::Away, "server shutting down"),
+            End::Flooding => (CloseCode::Policy, "too many frames"),
+            End::TooManyFailures => (CloseCode::Policy, "too many failures"),
         };
         Some(CloseFrame {
             code,
@@ -91,6 +99,8 @@ impl End {
             End::WriteStalled => "client_not_reading",
             End::Expired => "token_expired",
             End::Shutdown => "shutdown",
+            End::Flooding => "flooding",
+            End::TooManyFailures => "too_many_failures",
         }
     }
 
@@ -106,6 +116,8 @@ impl End {
             End::WriteStalled => "client not reading",
             End::Expired => "token expired",
             End::Shutdown => "shutdown",
+            End::Flooding => "too many frames",
+            End::TooManyFailures => "too many failed subscriptions",
         }
     }
 }

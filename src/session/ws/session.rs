@@ -30,6 +30,9 @@ use crate::AppState;
 const STATUS_THROTTLE: Duration = Duration::from_millis(700);
 /// Frames written per flush when several are queued.
 const BATCH: usize = 64;
+/// Refused subscriptions that look like guessing (bad tokens, unregistered topics, throttled)
+/// after which the socket is closed.
+const MAX_SOCKET_FAILURES: u8 = 5;
 
 pub struct Session<S> {
     ws: WebSocketStream<S>,
@@ -42,6 +45,8 @@ pub struct Session<S> {
     subs: StreamMap<Arc<str>, Subscription>,
     /// Token expiry per subscribed topic (unix seconds), for `enforce_token_expiry`.
     expiries: HashMap<Arc<str>, i64>,
+    budget: FrameBudget,
+    failures: u8,
 }
 
 impl<S> Session<S>
@@ -55,10 +60,15 @@ where
             topic: pending.topic().to_string(),
             client: pending.client,
             ws,
-            state,
             last_status: None,
             subs: StreamMap::new(),
             expiries: HashMap::new(),
+            budget: FrameBudget::new(
+                state.config.inbound_frame_burst,
+                state.config.inbound_frames_per_second,
+            ),
+            failures: 0,
+            state,
         };
         let _tracked = session.state.sockets.track();
         let _gauge = session.state.metrics.open(Transport::WebSocket);
@@ -177,6 +187,11 @@ where
                 }
                 next = self.ws.next() => {
                     clock.last_heard = Instant::now();
+                    if matches!(next, Some(Ok(Message::Text(_) | Message::Binary(_))))
+                        && !self.budget.take(clock.last_heard)
+                    {
+                        return End::Flooding;
+                    }
                     match next {
                         None => return End::PeerGone,
                         Some(Err(e)) => return End::from_ws(e),
@@ -324,7 +339,14 @@ where
                     topic: Some(&topic),
                     message: refusal.message(),
                 };
-                return self.send(Message::text(error.to_text())).await;
+                self.send(Message::text(error.to_text())).await?;
+                if refusal.is_failure() {
+                    self.failures += 1;
+                    if self.failures >= MAX_SOCKET_FAILURES {
+                        return Err(End::TooManyFailures);
+                    }
+                }
+                return Ok(());
             }
         };
         granted.resume = resume;
@@ -402,6 +424,39 @@ fn delivery_message((topic, delivery): (Arc<str>, Delivery)) -> Message {
 
 fn resync_message(topic: &str) -> Message {
     Message::Text(Utf8Bytes::from(Outbound::Resync { topic }.to_text()))
+}
+
+/// A token bucket for inbound data frames: `burst` at once, then `per_second`. (Pings are
+/// not counted: tungstenite keeps only the latest pong to send, so a ping flood costs little
+/// and reaches neither the hub nor Redis.)
+struct FrameBudget {
+    allowance: f32,
+    burst: f32,
+    per_second: f32,
+    updated: Instant,
+}
+
+impl FrameBudget {
+    fn new(burst: u32, per_second: u32) -> Self {
+        FrameBudget {
+            allowance: burst as f32,
+            burst: burst as f32,
+            per_second: per_second as f32,
+            updated: Instant::now(),
+        }
+    }
+
+    /// Takes one frame's worth; `false` when the socket has spent its budget.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f32();
+        self.allowance = (self.allowance + elapsed * self.per_second).min(self.burst);
+        self.updated = now;
+        if self.allowance < 1.0 {
+            return false;
+        }
+        self.allowance -= 1.0;
+        true
+    }
 }
 
 /// The moments a socket must act on without any traffic.
