@@ -17,11 +17,16 @@
 //! a client that moves to another node resumes there. Envelopes from Go nodes (no id) are
 //! numbered locally between cluster ids (`<seq>.<k>`).
 //!
-//! Redis faults never stop local delivery. A supervisor reconnects with backoff (one log line per
-//! state change); when the link comes back, every subscriber is told to resync, since
-//! cross-node events may have been missed meanwhile.
+//! Redis faults never stop local delivery, and never cost a silent gap. Every event is also
+//! appended to a capped stream (`wavelog:log`, keyed by its cluster number), and each node
+//! tracks the last cluster number it applied: an envelope that is not the next one, or a
+//! reconnect, fills the gap from the log in order. Only what the log cannot fill (it was
+//! trimmed, or Redis lost its data meanwhile) makes subscribers resync, once, spread over a
+//! short window. Events published while a node is cut off from Redis get ids that no node
+//! resumes from, and their topics are announced when the link is back, so other nodes'
+//! subscribers of exactly those topics resync once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -49,6 +54,15 @@ pub const CONTROL_CHANNEL: &str = "wavelog:control";
 const TOPIC_PREFIX: &str = "wavelog:topic:";
 const EPOCH_KEY: &str = "wavelog:epoch";
 const SEQ_KEY: &str = "wavelog:seq";
+/// The capped stream of recent envelopes, entry id `0-<cluster number>`.
+const LOG_KEY: &str = "wavelog:log";
+/// Envelopes the log keeps (about; Redis trims whole blocks): a node whose link was down for
+/// fewer publishes than this catches up without any resync.
+const LOG_LEN: u64 = 10_000;
+/// Window over which owed resyncs go out, so browsers don't all reload at once.
+const RESYNC_SPREAD: Duration = Duration::from_secs(1);
+/// How long a topic count from SCAN is reused (metrics, status).
+const TOPIC_NAMES_TTL: Duration = Duration::from_secs(1);
 
 /// Longest wait for one Redis command: the internal API must answer quickly even when Redis
 /// is gone without closing the connection (Wavelog's PHP gives up after 1 s).
@@ -58,8 +72,9 @@ const ECHO_TIMEOUT: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Numbers and publishes one event atomically. KEYS: epoch, seq. ARGV: candidate epoch,
-/// origin id (JSON), topic (JSON), payload (raw JSON). Returns {epoch, seq}.
+/// Numbers, logs and publishes one event atomically. KEYS: epoch, seq, log. ARGV: candidate
+/// epoch, origin id (JSON), topic (JSON), payload (raw JSON), nonce, coalesce_ms, log length.
+/// Returns {epoch, seq}. (`nonce` and `coalesce_ms` are our additions; Go nodes ignore them.)
 const PUBLISH_LUA: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
@@ -67,7 +82,8 @@ if not epoch then
   epoch = ARGV[1]
 end
 local seq = redis.call('INCR', KEYS[2])
-local envelope = '{"origin_id":' .. ARGV[2] .. ',"topic":' .. ARGV[3] .. ',"id":"' .. epoch .. '-' .. seq .. '","payload":' .. ARGV[4] .. '}'
+local envelope = '{"origin_id":' .. ARGV[2] .. ',"topic":' .. ARGV[3] .. ',"id":"' .. epoch .. '-' .. seq .. '","nonce":' .. ARGV[5] .. ',"coalesce_ms":' .. ARGV[6] .. ',"payload":' .. ARGV[4] .. '}'
+redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '0-' .. seq, 'e', envelope)
 redis.call('PUBLISH', 'wavelog:events', envelope)
 return {epoch, seq}
 "#;
@@ -97,14 +113,22 @@ pub struct Cluster {
     negative: Mutex<BoundedMap<String, Instant>>,
     cache_ttl: Duration,
     topic_ttl: Duration,
-    /// Topics whose events could not reach Redis: other nodes are told to resync them.
-    missed: Mutex<HashSet<String>>,
+    /// Topics with events that never reached Redis (published while cut off), with the
+    /// time of the last one (unix ms): other nodes are told to resync them.
+    missed: Mutex<HashMap<String, u64>>,
     reconnects: AtomicU64,
     script: Script,
-    /// Our own publishes, by cluster sequence number, as their echoes are handled.
+    /// Our own publishes, by nonce, as their echoes are handled.
     own: Mutex<HashMap<u64, Own>>,
-    /// The highest cluster sequence number handled from the events channel.
+    next_nonce: AtomicU64,
+    /// The last cluster number applied, with every one before it (in this epoch).
+    applied: Mutex<u64>,
+    /// The cluster's sequence when our link was lost (what existed that we may not have).
+    seq_at_loss: Mutex<Option<u64>>,
+    /// The highest cluster number applied, for publishes waiting for their echo.
     echoed: tokio::sync::watch::Sender<u64>,
+    /// Registered topic names from the last SCAN, reused for `TOPIC_NAMES_TTL`.
+    names: Mutex<Option<(Instant, Vec<String>)>>,
 }
 
 /// What became of one of our own publishes.
@@ -124,6 +148,12 @@ struct Envelope<'a> {
     payload: &'a RawValue,
     #[serde(default)]
     id: Option<String>,
+    #[serde(default)]
+    nonce: Option<u64>,
+    /// The topic's coalescing window as the publishing node knew it, so every node coalesces
+    /// alike (Go envelopes lack it: the cached registration decides).
+    #[serde(default)]
+    coalesce_ms: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +163,9 @@ struct Control {
     op: String,
     #[serde(default)]
     topics: Vec<String>,
+    /// `resync`: when the last event that could not reach Redis was published (unix ms).
+    #[serde(default)]
+    until: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -153,6 +186,8 @@ impl Cluster {
         cache_ttl: Duration,
     ) -> Result<Arc<Cluster>, String> {
         let client = Client::open(url).map_err(|e| format!("invalid redis_url: {e}"))?;
+        // Until the first connect, nothing published elsewhere can be known.
+        hub.set_isolated(true);
         Ok(Arc::new(Cluster {
             client,
             node_id: random_hex(8),
@@ -164,11 +199,15 @@ impl Cluster {
             negative: Mutex::new(BoundedMap::new(MAX_NEGATIVE_ENTRIES)),
             cache_ttl,
             topic_ttl,
-            missed: Mutex::new(HashSet::new()),
+            missed: Mutex::new(HashMap::new()),
             reconnects: AtomicU64::new(0),
             script: Script::new(PUBLISH_LUA),
             own: Mutex::new(HashMap::new()),
+            next_nonce: AtomicU64::new(1),
+            applied: Mutex::new(0),
+            seq_at_loss: Mutex::new(None),
             echoed: tokio::sync::watch::Sender::new(0),
+            names: Mutex::new(None),
         }))
     }
 
@@ -217,15 +256,17 @@ impl Cluster {
                     *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn);
                     self.up.store(true, Ordering::Release);
                     tracing::info!(node = %self.node_id, "redis connected: cluster mode active");
-                    if ever_connected {
-                        // Cross-node events may have been missed while we were away.
-                        self.hub.resync_all("cluster");
-                    }
+                    self.catch_up(!ever_connected).await;
                     ever_connected = true;
-                    self.adopt_epoch().await;
+                    self.hub.set_isolated(false);
                     self.write_pending_registrations().await;
                     self.announce_missed().await;
                     let stopped = self.pump(pubsub, &mut shutdown).await;
+                    self.hub.set_isolated(true);
+                    let seq_now = self
+                        .command::<Option<u64>>(redis::cmd("GET").arg(SEQ_KEY))
+                        .await;
+                    *lock(&self.seq_at_loss) = seq_now.flatten();
                     self.up.store(false, Ordering::Release);
                     *self.conn.write().unwrap_or_else(|e| e.into_inner()) = None;
                     if stopped {
@@ -280,7 +321,7 @@ impl Cluster {
             tokio::select! {
                 _ = shutdown.wait() => return true,
                 msg = messages.next() => match msg {
-                    Some(msg) if msg.get_channel_name() == EVENTS_CHANNEL => self.on_event(msg.get_payload_bytes()),
+                    Some(msg) if msg.get_channel_name() == EVENTS_CHANNEL => self.on_event(msg.get_payload_bytes()).await,
                     Some(msg) => self.on_control(msg.get_payload_bytes()),
                     None => return false,
                 },
@@ -288,49 +329,127 @@ impl Cluster {
         }
     }
 
-    fn on_event(&self, bytes: &[u8]) {
+    /// One envelope from the events channel, in cluster order: an envelope that is not the
+    /// next number first has the gap before it filled from the log.
+    async fn on_event(&self, bytes: &[u8]) {
         let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(bytes) else {
             tracing::debug!("ignoring a malformed envelope on {EVENTS_CHANNEL}");
             return;
         };
-        let seq = envelope.id.as_deref().and_then(|id| self.cluster_seq(id));
-        let coalesce = self.cached_meta(&envelope.topic).and_then(|m| m.coalesce());
-        let own = envelope.origin_id.as_deref() == Some(self.node_id.as_str());
-        match (own, seq) {
-            (false, _) => {
-                self.hub
-                    .accept(&envelope.topic, envelope.payload.get(), seq, coalesce);
-            }
-            (true, Some(seq)) => {
-                let n = seq / CLUSTER_SCALE;
-                let abandoned = matches!(lock(&self.own).get(&n), Some(Own::Abandoned));
-                if abandoned {
-                    lock(&self.own).remove(&n);
-                } else {
-                    let published = self.hub.accept(
-                        &envelope.topic,
-                        envelope.payload.get(),
-                        Some(seq),
-                        coalesce,
-                    );
-                    let mut own = lock(&self.own);
-                    if own.len() > 10_000 {
-                        own.retain(|k, _| *k + 10_000 > n);
-                    }
-                    own.insert(n, Own::Delivered(published));
-                }
-            }
-            (true, None) => {}
+        let Some(id) = envelope.id.as_deref() else {
+            // A Go node's event: no cluster number, numbered locally.
+            self.apply(&envelope, None);
+            return;
+        };
+        let Some((epoch, n)) = split_id(id) else {
+            return;
+        };
+        if *self.hub.epoch() != *epoch {
+            // Redis lost its data while our link stayed up (or we raced a reconnect).
+            tracing::info!(epoch, "cluster epoch changed: subscribers resync");
+            self.hub.switch_epoch(epoch, 0);
+            self.hub.schedule_resync(None, RESYNC_SPREAD);
+            self.reset_applied(0);
         }
-        if let Some(seq) = seq {
-            let n = seq / CLUSTER_SCALE;
-            self.echoed.send_if_modified(|v| {
-                let newer = n > *v;
-                if newer {
-                    *v = n;
+        let applied = *lock(&self.applied);
+        if n <= applied {
+            return; // filled from the log already
+        }
+        if n > applied + 1 {
+            self.fill(applied + 1, n - 1).await;
+        }
+        self.apply(&envelope, Some(n * CLUSTER_SCALE));
+        self.mark_applied(n);
+    }
+
+    /// Hands one envelope to the hub. Our own publish is delivered when its echo comes,
+    /// unless it was delivered locally already (its publish gave up waiting): check and
+    /// delivery happen under one lock, so a publish giving up at this very moment cannot
+    /// deliver it a second time.
+    fn apply(&self, envelope: &Envelope<'_>, seq: Option<u64>) {
+        let coalesce = match envelope.coalesce_ms {
+            Some(ms) => (ms > 0).then(|| Duration::from_millis(u64::from(ms))),
+            None => self.cached_meta(&envelope.topic).and_then(|m| m.coalesce()),
+        };
+        let payload = envelope.payload.get();
+        let nonce = envelope
+            .nonce
+            .filter(|_| envelope.origin_id.as_deref() == Some(self.node_id.as_str()));
+        let Some(nonce) = nonce else {
+            self.hub.accept(&envelope.topic, payload, seq, coalesce);
+            return;
+        };
+        let mut own = lock(&self.own);
+        if matches!(own.get(&nonce), Some(Own::Abandoned)) {
+            own.remove(&nonce);
+            return;
+        }
+        let published = self.hub.accept(&envelope.topic, payload, seq, coalesce);
+        if own.len() > 10_000 {
+            own.retain(|k, _| *k + 10_000 > nonce);
+        }
+        own.insert(nonce, Own::Delivered(published));
+    }
+
+    fn mark_applied(&self, n: u64) {
+        {
+            let mut applied = lock(&self.applied);
+            *applied = (*applied).max(n);
+        }
+        self.echoed.send_if_modified(|v| {
+            let newer = n > *v;
+            if newer {
+                *v = n;
+            }
+            newer
+        });
+    }
+
+    fn reset_applied(&self, n: u64) {
+        *lock(&self.applied) = n;
+        self.echoed.send_replace(n);
+    }
+
+    /// Applies cluster numbers `from..=to` from the log, in order. What the log no longer
+    /// holds (or cannot be read) may have been on any topic: every subscriber is owed a
+    /// resync, and no id before here is a resume point.
+    async fn fill(&self, from: u64, to: u64) {
+        if from > to {
+            return;
+        }
+        let mut next = from;
+        if to - from < LOG_LEN {
+            let cmd = redis::cmd("XRANGE")
+                .arg(LOG_KEY)
+                .arg(format!("0-{from}"))
+                .arg(format!("0-{to}"))
+                .clone();
+            let entries: Vec<(String, Vec<String>)> = self.command(&cmd).await.unwrap_or_default();
+            for (id, fields) in &entries {
+                let n = id.strip_prefix("0-").and_then(|n| n.parse::<u64>().ok());
+                let Some(envelope) = fields
+                    .chunks(2)
+                    .find(|kv| kv.first().map(String::as_str) == Some("e"))
+                    .and_then(|kv| kv.get(1))
+                    .and_then(|e| serde_json::from_str::<Envelope<'_>>(e).ok())
+                else {
+                    break;
+                };
+                if n != Some(next) {
+                    break;
                 }
-                newer
-            });
+                self.apply(&envelope, Some(next * CLUSTER_SCALE));
+                self.mark_applied(next);
+                next += 1;
+            }
+        }
+        if next <= to {
+            tracing::warn!(
+                missed = to - next + 1,
+                "events beyond the cluster log were missed: subscribers resync"
+            );
+            self.hub.schedule_resync(None, RESYNC_SPREAD);
+            self.mark_applied(to);
         }
     }
 
@@ -351,108 +470,135 @@ impl Cluster {
                 }
             }
             "resync" => {
-                for topic in &control.topics {
-                    self.hub.resync_topic(topic, "cluster");
-                }
+                // Events the sender published while cut off from Redis: our subscribers of
+                // those topics resync, unless they were told to after the last of them.
+                let until = control.until.unwrap_or(u64::MAX);
+                self.hub
+                    .schedule_resync_since(&control.topics, until, RESYNC_SPREAD);
             }
             _ => {}
         }
     }
 
-    /// The hub seq of a cluster id `<epoch>-<n>`, switching to a new epoch if Redis named one
-    /// (Redis restarted without its data).
-    fn cluster_seq(&self, id: &str) -> Option<u64> {
-        let (epoch, n) = id.rsplit_once('-')?;
-        let n: u64 = n.parse().ok()?;
-        let seq = n.checked_mul(CLUSTER_SCALE)?;
-        if *self.hub.epoch() != *epoch {
-            tracing::info!(epoch, "cluster epoch changed: subscribers resync");
-            self.switch_epoch(epoch, seq.saturating_sub(CLUSTER_SCALE));
-        }
-        Some(seq)
-    }
-
-    /// A new cluster epoch (Redis lost its data): numbering restarts, so forget what we know
-    /// of earlier numbers, and make every subscriber resync.
-    fn switch_epoch(&self, epoch: &str, seq: u64) {
-        self.echoed.send_replace(0);
-        lock(&self.own).clear();
-        self.hub.switch_epoch(epoch, seq);
-    }
-
-    /// Takes the cluster's epoch (creating it if Redis has none) and its current sequence.
-    async fn adopt_epoch(&self) {
+    /// Brings this node up to date after (re)connecting, the subscription to the events
+    /// channel already in place: takes the cluster's epoch and sequence, then fills what it
+    /// missed from the log. If Redis lost its data meanwhile (a new epoch), only what was
+    /// published before the loss and never reached us is unknowable: then every subscriber
+    /// resyncs; otherwise nobody does.
+    async fn catch_up(&self, first: bool) {
         let candidate = random_hex(4);
         let _: Option<()> = self
             .command(redis::cmd("SET").arg(EPOCH_KEY).arg(&candidate).arg("NX"))
             .await;
-        let epoch: Option<String> = self.command(redis::cmd("GET").arg(EPOCH_KEY)).await;
-        let seq: Option<Option<u64>> = self.command(redis::cmd("GET").arg(SEQ_KEY)).await;
-        if let Some(epoch) = epoch {
+        let Some(epoch) = self
+            .command::<String>(redis::cmd("GET").arg(EPOCH_KEY))
+            .await
+        else {
+            return;
+        };
+        let Some(seq) = self
+            .command::<Option<u64>>(redis::cmd("GET").arg(SEQ_KEY))
+            .await
+        else {
+            return;
+        };
+        let seq = seq.unwrap_or(0);
+        if first {
             if *self.hub.epoch() != *epoch {
-                let seq = seq.flatten().unwrap_or(0).saturating_mul(CLUSTER_SCALE);
-                self.switch_epoch(&epoch, seq);
+                self.hub
+                    .switch_epoch(&epoch, seq.saturating_mul(CLUSTER_SCALE));
+            }
+            self.reset_applied(seq);
+            return;
+        }
+        if *self.hub.epoch() != *epoch {
+            let applied = *lock(&self.applied);
+            let at_loss = lock(&self.seq_at_loss).take().unwrap_or(applied);
+            tracing::info!(epoch = %epoch, "redis lost its data: new cluster epoch");
+            self.hub.switch_epoch(&epoch, 0);
+            self.reset_applied(0);
+            if at_loss > applied {
+                self.hub.schedule_resync(None, RESYNC_SPREAD);
             }
         }
+        let applied = *lock(&self.applied);
+        self.fill(applied + 1, seq).await;
     }
 
-    /// Publishes through Redis (cluster-wide id) and delivers locally at once. With Redis away
-    /// the event is still delivered locally; other nodes' subscribers are told to resync later.
+    /// Publishes through Redis (cluster-wide id, delivered here when its echo comes). With
+    /// Redis away the event is still delivered locally, with an id no node resumes from, and
+    /// its topic is announced to the other nodes when the link is back.
     pub async fn publish(
         &self,
         topic: &str,
         payload: &str,
         coalesce: Option<Duration>,
     ) -> Published {
-        match self.publish_remote(topic, payload).await {
-            Some(seq) => self.await_echo(topic, payload, seq, coalesce).await,
+        let nonce = self.next_nonce.fetch_add(1, Ordering::Relaxed);
+        match self.publish_remote(topic, payload, nonce, coalesce).await {
+            Some(seq) => self.await_echo(topic, payload, nonce, seq, coalesce).await,
             None => {
+                // The script may still run after we gave up: its echo is then skipped here.
+                lock(&self.own).insert(nonce, Own::Abandoned);
                 self.metrics
                     .cluster_publish_failures
                     .fetch_add(1, Ordering::Relaxed);
-                lock(&self.missed).insert(topic.to_string());
-                self.hub.publish(topic, payload, coalesce)
+                lock(&self.missed).insert(topic.to_string(), unix_ms());
+                self.hub.publish_isolated(topic, payload, coalesce)
             }
         }
     }
 
     /// Waits until our publish `seq` came back on the ordered subscription (and so was
-    /// delivered in order); delivers it locally if it doesn't come in time.
+    /// delivered in order); delivers it locally if it doesn't come in time. (The event is in
+    /// Redis and its log: other nodes have it.)
     async fn await_echo(
         &self,
         topic: &str,
         payload: &str,
+        nonce: u64,
         seq: u64,
         coalesce: Option<Duration>,
     ) -> Published {
         let n = seq / CLUSTER_SCALE;
         let mut echoed = self.echoed.subscribe();
         let _ = tokio::time::timeout(ECHO_TIMEOUT, echoed.wait_for(|v| *v >= n)).await;
-        let mut own = lock(&self.own);
-        if let Some(Own::Delivered(published)) = own.remove(&n) {
-            return published;
+        {
+            let mut own = lock(&self.own);
+            if let Some(Own::Delivered(published)) = own.remove(&nonce) {
+                return published;
+            }
+            own.insert(nonce, Own::Abandoned);
         }
-        own.insert(n, Own::Abandoned);
-        drop(own);
-        lock(&self.missed).insert(topic.to_string());
         self.metrics
             .cluster_publish_failures
             .fetch_add(1, Ordering::Relaxed);
         self.hub.accept(topic, payload, Some(seq), coalesce)
     }
 
-    async fn publish_remote(&self, topic: &str, payload: &str) -> Option<u64> {
+    async fn publish_remote(
+        &self,
+        topic: &str,
+        payload: &str,
+        nonce: u64,
+        coalesce: Option<Duration>,
+    ) -> Option<u64> {
         let mut conn = self.connection()?;
         let origin = serde_json::to_string(&self.node_id).ok()?;
         let topic_json = serde_json::to_string(topic).ok()?;
+        let coalesce_ms = coalesce.map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)));
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(EPOCH_KEY)
             .key(SEQ_KEY)
+            .key(LOG_KEY)
             .arg(random_hex(4))
             .arg(origin)
             .arg(topic_json)
-            .arg(payload);
+            .arg(payload)
+            .arg(nonce)
+            .arg(coalesce_ms.to_string())
+            .arg(LOG_LEN);
         let invocation = invocation.invoke_async::<(String, u64)>(&mut conn);
         let (epoch, n) = match tokio::time::timeout(COMMAND_TIMEOUT, invocation).await {
             Ok(Ok(result)) => result,
@@ -462,19 +608,33 @@ impl Cluster {
             }
             Err(_) => return None,
         };
-        self.cluster_seq(&format!("{epoch}-{n}"))
+        // (A new epoch in the answer, after Redis lost its data, reaches us on the events
+        // channel before our echo: the echo is then numbered in it.)
+        let _ = epoch;
+        n.checked_mul(CLUSTER_SCALE)
     }
 
-    /// Tells other nodes which topics lost events while our link was down.
+    /// Tells other nodes which topics had events that never reached Redis.
     async fn announce_missed(&self) {
-        let topics: Vec<String> = lock(&self.missed).drain().collect();
-        if !topics.is_empty() {
-            self.control("resync", &topics).await;
-        }
+        let missed: Vec<(String, u64)> = lock(&self.missed).drain().collect();
+        let Some(until) = missed.iter().map(|(_, t)| *t).max() else {
+            return;
+        };
+        let topics: Vec<String> = missed.into_iter().map(|(t, _)| t).collect();
+        self.send_control("resync", &topics, Some(until)).await;
     }
 
     async fn control(&self, op: &str, topics: &[String]) {
-        let msg = serde_json::json!({ "origin_id": self.node_id, "op": op, "topics": topics });
+        self.send_control(op, topics, None).await;
+    }
+
+    async fn send_control(&self, op: &str, topics: &[String], until: Option<u64>) {
+        let msg = serde_json::json!({
+            "origin_id": self.node_id,
+            "op": op,
+            "topics": topics,
+            "until": until,
+        });
         let _: Option<i64> = self
             .command(
                 redis::cmd("PUBLISH")
@@ -613,8 +773,21 @@ impl Cluster {
         }
     }
 
-    /// Registered topic names cluster-wide (SCAN, never KEYS); the cache when Redis is away.
+    /// Registered topic names cluster-wide (SCAN, never KEYS), reused for a second so that
+    /// metrics scrapes and status requests don't each walk Redis.
     pub async fn topic_names(&self) -> Vec<String> {
+        if let Some((at, names)) = lock(&self.names).as_ref() {
+            if at.elapsed() < TOPIC_NAMES_TTL {
+                return names.clone();
+            }
+        }
+        let names = self.scan_topic_names().await;
+        *lock(&self.names) = Some((Instant::now(), names.clone()));
+        names
+    }
+
+    /// Registered topic names by SCAN; the cache when Redis is away.
+    async fn scan_topic_names(&self) -> Vec<String> {
         let mut names = vec![STATUS_TOPIC.to_string()];
         let mut cursor = 0u64;
         let mut complete = false;
@@ -661,4 +834,16 @@ impl Cluster {
             .await
             .map_or(0, |(_, n)| n)
     }
+}
+
+/// `<epoch>-<n>` of a cluster id.
+fn split_id(id: &str) -> Option<(&str, u64)> {
+    let (epoch, n) = id.rsplit_once('-')?;
+    Some((epoch, n.parse().ok()?))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -53,6 +53,28 @@ impl FrameInner {
 }
 
 pub type Frame = Arc<FrameInner>;
+
+/// Whether an event's id is a resume point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdKind {
+    Resumable,
+    /// Issued while cut off from the cluster: resuming from it gives `resync` everywhere.
+    Isolated,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A number in [0, 1) from the clock's low bits: enough to spread resyncs of different nodes.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1_000_000) / 1_000_000.0
+}
 
 /// What a subscriber receives next.
 #[derive(Debug, Clone)]
@@ -93,7 +115,7 @@ struct Coalesce {
     window_end: Option<Instant>,
     /// The newest payload published inside the current window (with its seq when assigned
     /// elsewhere).
-    pending: Option<(String, Option<u64>)>,
+    pending: Option<(String, Option<u64>, IdKind)>,
     flush_scheduled: bool,
 }
 
@@ -107,6 +129,16 @@ struct TopicState {
     /// When the last subscriber left (or the state was made without one).
     idle_since: Option<Instant>,
     coalesce: Coalesce,
+    /// The seq of the newest event accepted on this topic: an event that is not newer is
+    /// never delivered after it (subscribers get `resync` instead).
+    last_seq: u64,
+    /// A `resync` is owed to the subscribers (sent within a short spread, or before the next
+    /// event, whichever comes first); meanwhile resuming gives `resync`.
+    resync_pending: bool,
+    /// Removed from the map by `sweep`: a publish or subscribe that finds it must look again.
+    removed: bool,
+    /// When a cluster resync was last owed to this topic's subscribers (unix ms).
+    resynced_ms: u64,
 }
 
 struct Topic {
@@ -129,6 +161,9 @@ pub struct Hub {
     limits: HistoryLimits,
     history_bytes: AtomicUsize,
     topics: Mutex<HashMap<Arc<str>, Arc<Topic>>>,
+    /// Cluster mode: cut off from Redis. Events may be published elsewhere meanwhile, so no
+    /// resume can be trusted.
+    isolated: AtomicBool,
 }
 
 /// Result of a publish.
@@ -159,6 +194,7 @@ impl Hub {
             limits,
             history_bytes: AtomicUsize::new(0),
             topics: Mutex::new(HashMap::new()),
+            isolated: AtomicBool::new(false),
         })
     }
 
@@ -194,43 +230,103 @@ impl Hub {
         major.checked_mul(self.scale)?.checked_add(minor)
     }
 
-    /// Starts a new epoch (cluster mode: Redis named a new one): every id handed out so far
-    /// becomes unresumable, history is dropped, and every subscriber is told to resync.
+    /// Starts a new epoch (cluster mode: Redis lost its data and named a new one): every id
+    /// handed out so far becomes unresumable and history is dropped. Live subscribers are not
+    /// told to resync here: the cluster decides whether they may have missed anything.
     pub fn switch_epoch(&self, epoch: &str, seq: u64) {
         *self.epoch.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(epoch);
         self.next_seq.store(seq + 1, Ordering::Release);
-        let topics: Vec<Arc<Topic>> = lock(&self.topics).values().cloned().collect();
-        for topic in topics {
+        for topic in self.all_topics() {
             let mut state = lock(&topic.state);
             while !state.history.is_empty() {
                 self.forget_oldest(&mut state);
             }
             state.floor = seq;
+            state.last_seq = seq;
+            state.coalesce.pending = None;
         }
-        self.resync_all("cluster");
     }
 
-    /// Tells the subscribers of one topic to resync.
-    pub fn resync_topic(&self, name: &str, cause: &str) {
-        let topic = lock(&self.topics).get(name).cloned();
-        if let Some(topic) = topic {
-            if let Some(sender) = &lock(&topic.state).sender {
-                let n = sender.send(Delivery::Resync).unwrap_or(0);
-                self.metrics.resyncs.add(cause, n as u64);
+    /// Marks this node as cut off from (or back in touch with) the rest of the cluster.
+    pub fn set_isolated(&self, isolated: bool) {
+        self.isolated.store(isolated, Ordering::Release);
+    }
+
+    fn all_topics(&self) -> Vec<Arc<Topic>> {
+        lock(&self.topics).values().cloned().collect()
+    }
+
+    /// Owes a `resync` to the subscribers of `names` (all topics with subscribers when `None`)
+    /// at once for resumes, and on the wire spread over `window`, so a thousand browsers don't
+    /// reload from the backend in the same instant. A topic whose next event comes first gets
+    /// its `resync` just before that event, so nothing is ever delivered across the gap
+    /// unannounced.
+    pub fn schedule_resync(self: &Arc<Self>, names: Option<&[String]>, window: Duration) {
+        self.schedule_resync_unless_since(names.unwrap_or(&[]), 0, window, names.is_none());
+    }
+
+    /// `schedule_resync` for `names`, skipping topics already owed one after `since` (unix
+    /// ms): their subscribers reload after that moment anyway.
+    pub fn schedule_resync_since(self: &Arc<Self>, names: &[String], since: u64, window: Duration) {
+        self.schedule_resync_unless_since(names, since, window, false);
+    }
+
+    fn schedule_resync_unless_since(
+        self: &Arc<Self>,
+        names: &[String],
+        since: u64,
+        window: Duration,
+        all: bool,
+    ) {
+        let now_ms = unix_ms();
+        let topics: Vec<Arc<Topic>> = match all {
+            true => self.all_topics(),
+            false => {
+                let map = lock(&self.topics);
+                names
+                    .iter()
+                    .filter_map(|n| map.get(n.as_str()).cloned())
+                    .collect()
             }
-        }
-    }
-
-    /// Tells every subscriber to resync (events may have been missed, e.g. while Redis was
-    /// unreachable).
-    pub fn resync_all(&self, cause: &str) {
-        let topics: Vec<Arc<Topic>> = lock(&self.topics).values().cloned().collect();
+        };
+        let mut owed = Vec::new();
         for topic in topics {
-            let state = lock(&topic.state);
-            if let Some(sender) = &state.sender {
-                let n = sender.send(Delivery::Resync).unwrap_or(0);
-                self.metrics.resyncs.add(cause, n as u64);
+            let mut state = lock(&topic.state);
+            if since > 0 && state.resynced_ms > since {
+                continue;
             }
+            state.resynced_ms = now_ms;
+            // Ids up to now may have missed something: resuming from them gives `resync`.
+            state.floor = state.floor.max(state.last_seq.max(self.current_seq()) + 1);
+            if state.sender.is_some() && !state.resync_pending {
+                state.resync_pending = true;
+                owed.push(topic.clone());
+            }
+        }
+        if owed.is_empty() {
+            return;
+        }
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let step = window / (owed.len() as u32).max(1);
+            let offset = step.mul_f64(jitter());
+            for (i, topic) in owed.iter().enumerate() {
+                tokio::time::sleep_until(start + offset + step * i as u32).await;
+                let mut state = lock(&topic.state);
+                hub.pay_resync(&mut state, "cluster");
+            }
+        });
+    }
+
+    /// Sends an owed `resync`, if any.
+    fn pay_resync(&self, state: &mut TopicState, cause: &str) {
+        if !std::mem::take(&mut state.resync_pending) {
+            return;
+        }
+        if let Some(sender) = &state.sender {
+            let n = sender.send(Delivery::Resync).unwrap_or(0);
+            self.metrics.resyncs.add(cause, n as u64);
         }
     }
 
@@ -260,25 +356,54 @@ impl Hub {
         seq: Option<u64>,
         coalesce: Option<Duration>,
     ) -> Published {
+        self.accept_as(topic, payload, seq, coalesce, IdKind::Resumable)
+    }
+
+    /// Publishes an event whose id must not be resumed from anywhere (cluster mode, cut off
+    /// from Redis: other nodes never see it, and may publish events this node never sees).
+    pub fn publish_isolated(
+        self: &Arc<Self>,
+        topic: &str,
+        payload: &str,
+        coalesce: Option<Duration>,
+    ) -> Published {
+        self.accept_as(topic, payload, None, coalesce, IdKind::Isolated)
+    }
+
+    fn accept_as(
+        self: &Arc<Self>,
+        topic: &str,
+        payload: &str,
+        seq: Option<u64>,
+        coalesce: Option<Duration>,
+        kind: IdKind,
+    ) -> Published {
+        // A topic made by this publish starts just before it.
+        let before = self
+            .current_seq()
+            .min(seq.map_or(u64::MAX, |s| s.saturating_sub(1)));
         if let Some(seq) = seq {
             self.next_seq.fetch_max(seq + 1, Ordering::AcqRel);
         }
-        let topic = match self.topic_for_publish(topic) {
-            Some(t) => t,
-            None => {
-                // Nobody listens and no history is kept: the event only takes an id.
-                let seq = seq.unwrap_or_else(|| self.next_seq.fetch_add(1, Ordering::AcqRel));
-                return Published {
-                    id: Some(self.format_id(seq)),
-                    receivers: 0,
-                };
-            }
+        let name = topic;
+        let Some(topic) = self.topic_for_publish(name, before) else {
+            // Nobody listens and no history is kept: the event only takes an id.
+            let seq = seq.unwrap_or_else(|| self.local_seq());
+            return Published {
+                id: Some(self.format_kind(seq, kind)),
+                receivers: 0,
+            };
         };
         let mut state = lock(&topic.state);
+        if state.removed {
+            // Swept between the lookup and the lock: look again (a fresh topic this time).
+            drop(state);
+            return self.accept_as(name, payload, seq, coalesce, kind);
+        }
         if let Some(window) = coalesce.filter(|w| !w.is_zero()) {
             let now = Instant::now();
             if state.coalesce.window_end.is_some_and(|end| now < end) {
-                state.coalesce.pending = Some((payload.to_string(), seq));
+                state.coalesce.pending = Some((payload.to_string(), seq, kind));
                 if !state.coalesce.flush_scheduled {
                     state.coalesce.flush_scheduled = true;
                     let at = state.coalesce.window_end.unwrap_or(now);
@@ -291,23 +416,34 @@ impl Hub {
             }
             state.coalesce.window_end = Some(now + window);
         }
-        self.deliver(&topic, &mut state, payload, seq)
+        // An event held back by coalescing is older than this one: it must never follow it.
+        state.coalesce.pending = None;
+        self.deliver(&topic, &mut state, payload, seq, kind)
     }
 
     /// The topic a publish goes to, created when history is kept; `None` when the event has
     /// nowhere to go.
-    fn topic_for_publish(&self, name: &str) -> Option<Arc<Topic>> {
+    fn topic_for_publish(&self, name: &str, start: u64) -> Option<Arc<Topic>> {
         let mut topics = lock(&self.topics);
         if let Some(t) = topics.get(name) {
-            return Some(t.clone());
+            if !lock(&t.state).removed {
+                return Some(t.clone());
+            }
+            topics.remove(name);
         }
         if self.limits.size == 0 {
             return None;
         }
-        Some(self.create_topic(&mut topics, name))
+        Some(self.create_topic(&mut topics, name, start))
     }
 
-    fn create_topic(&self, topics: &mut HashMap<Arc<str>, Arc<Topic>>, name: &str) -> Arc<Topic> {
+    /// A new topic whose history starts after seq `start`.
+    fn create_topic(
+        &self,
+        topics: &mut HashMap<Arc<str>, Arc<Topic>>,
+        name: &str,
+        start: u64,
+    ) -> Arc<Topic> {
         let name: Arc<str> = Arc::from(name);
         let topic = Arc::new(Topic {
             topic_json: serde_json::to_string(&*name).unwrap_or_else(|_| "\"\"".into()),
@@ -315,9 +451,13 @@ impl Hub {
             state: Mutex::new(TopicState {
                 sender: None,
                 history: VecDeque::new(),
-                floor: self.current_seq(),
+                floor: start,
                 idle_since: Some(Instant::now()),
                 coalesce: Coalesce::default(),
+                last_seq: start,
+                resync_pending: false,
+                removed: false,
+                resynced_ms: 0,
             }),
         });
         topics.insert(name, topic.clone());
@@ -325,16 +465,31 @@ impl Hub {
     }
 
     /// Assigns the id, keeps the event in history and hands it to subscribers, all under the
-    /// topic lock. The id is formatted once, for the frame and the publish answer alike.
+    /// topic lock. The id is formatted once, for the frame and the publish answer alike. An
+    /// event that is not newer than the topic's last one (an echo that came too late, local
+    /// numbering that ran out) is not delivered after it: subscribers get `resync`, and ids up
+    /// to here stop being resumable.
     fn deliver(
         &self,
         topic: &Topic,
         state: &mut TopicState,
         payload: &str,
         seq: Option<u64>,
+        kind: IdKind,
     ) -> Published {
-        let seq = seq.unwrap_or_else(|| self.next_seq.fetch_add(1, Ordering::AcqRel));
-        let id = self.format_id(seq);
+        let seq = seq.unwrap_or_else(|| self.local_seq());
+        let id = self.format_kind(seq, kind);
+        if seq <= state.last_seq {
+            state.floor = state.floor.max(state.last_seq + 1);
+            state.resync_pending = true;
+            self.pay_resync(state, "order");
+            return Published {
+                id: Some(id),
+                receivers: 0,
+            };
+        }
+        state.last_seq = seq;
+        self.pay_resync(state, "cluster");
         let frame = Arc::new(build_frame(&topic.topic_json, &id, seq, payload));
         self.remember(state, &frame);
         let receivers = match &state.sender {
@@ -348,6 +503,30 @@ impl Hub {
             id: Some(id),
             receivers,
         }
+    }
+
+    /// The next local seq. In cluster mode local numbers sit between two cluster numbers
+    /// (`S.1`, `S.2`, ...); they stop at the last one rather than run into the next cluster
+    /// number (an event that gets a used number is then refused with `resync`).
+    fn local_seq(&self) -> u64 {
+        let scale = self.scale;
+        match self
+            .next_seq
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (scale == 1 || s % scale != 0).then_some(s + 1)
+            }) {
+            Ok(s) => s,
+            Err(s) => s - 1,
+        }
+    }
+
+    fn format_kind(&self, seq: u64, kind: IdKind) -> String {
+        let mut id = self.format_id(seq);
+        if kind == IdKind::Isolated {
+            // Not an id any node parses: resuming from it gives `resync`.
+            id.push('~');
+        }
+        id
     }
 
     /// Adds `frame` to the topic's history within the limits, moving the floor past whatever
@@ -376,7 +555,7 @@ impl Hub {
 
     fn forget_oldest(&self, state: &mut TopicState) {
         if let Some(old) = state.history.pop_front() {
-            state.floor = old.seq;
+            state.floor = state.floor.max(old.seq);
             self.history_bytes.fetch_sub(old.cost(), Ordering::AcqRel);
         }
     }
@@ -396,16 +575,17 @@ impl Hub {
     pub fn subscribe(self: &Arc<Self>, name: &str, last_event_id: Option<&str>) -> Subscribed {
         let mut topics = lock(&self.topics);
         let topic = match topics.get(name) {
-            Some(t) => t.clone(),
-            None => self.create_topic(&mut topics, name),
+            Some(t) if !lock(&t.state).removed => t.clone(),
+            _ => self.create_topic(&mut topics, name, self.current_seq()),
         };
         let mut state = lock(&topic.state);
         drop(topics);
         self.trim(&mut state, Instant::now());
         let now_seq = self.current_seq();
+        let trusted = !self.isolated.load(Ordering::Acquire) && !state.resync_pending;
         let resume_from = last_event_id.map(|id| {
             self.parse_id(id)
-                .filter(|seq| *seq >= state.floor && *seq <= now_seq)
+                .filter(|seq| trusted && *seq >= state.floor && *seq <= now_seq)
         });
         let (replay, position) = match resume_from {
             None => (Replay::Events(Vec::new()), now_seq),
@@ -455,18 +635,33 @@ impl Hub {
     }
 
     /// Forgets expired history and topics idle for longer than `history_ttl` (with no history
-    /// left), so memory stays bounded. Called periodically.
+    /// left), so memory stays bounded. Called periodically; the topic map is locked only to
+    /// list and to remove, never while every topic is visited.
     pub fn sweep(&self) {
         let now = Instant::now();
-        let mut topics = lock(&self.topics);
-        topics.retain(|_, topic| {
+        let mut dead = Vec::new();
+        for topic in self.all_topics() {
             let mut state = lock(&topic.state);
             self.trim(&mut state, now);
             let idle_long = state
                 .idle_since
                 .is_some_and(|t| now.duration_since(t) > self.limits.ttl);
-            !(idle_long && state.history.is_empty() && state.coalesce.pending.is_none())
-        });
+            if idle_long && state.history.is_empty() && state.coalesce.pending.is_none() {
+                // Marked under its own lock: a publish or subscribe that already holds this
+                // topic sees the mark and looks the topic up again.
+                state.removed = true;
+                dead.push(topic.clone());
+            }
+        }
+        let mut topics = lock(&self.topics);
+        for topic in dead {
+            if topics
+                .get(&topic.name)
+                .is_some_and(|t| Arc::ptr_eq(t, &topic))
+            {
+                topics.remove(&topic.name);
+            }
+        }
     }
 
     /// Topics with at least one subscriber, sorted.
@@ -492,9 +687,9 @@ async fn flush_coalesced(hub: Arc<Hub>, topic: Arc<Topic>, at: Instant, window: 
     tokio::time::sleep_until(at.into()).await;
     let mut state = lock(&topic.state);
     state.coalesce.flush_scheduled = false;
-    if let Some((payload, seq)) = state.coalesce.pending.take() {
+    if let Some((payload, seq, kind)) = state.coalesce.pending.take() {
         state.coalesce.window_end = Some(Instant::now() + window);
-        hub.deliver(&topic, &mut state, &payload, seq);
+        hub.deliver(&topic, &mut state, &payload, seq, kind);
     }
 }
 

@@ -323,7 +323,8 @@ async fn sweep(state: Arc<AppState>) {
         if let Some(cluster) = &state.cluster {
             cluster.sweep_cache();
         }
-        trim_heap();
+        // malloc_trim walks the heap: off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(trim_heap).await;
         let dropped = state.registry.sweep();
         if dropped > 0 {
             tracing::debug!(dropped, "expired topics swept");

@@ -128,7 +128,7 @@ pub struct Metrics {
     pub auth_failures: CounterVec<9>,
     pub publishes: CounterVec<5>,
     pub deliveries: AtomicU64,
-    pub resyncs: CounterVec<3>,
+    pub resyncs: CounterVec<4>,
     pub lagged_events: AtomicU64,
     /// Publishes that reached local subscribers only (Redis away).
     pub cluster_publish_failures: AtomicU64,
@@ -164,7 +164,7 @@ impl Default for Metrics {
                 ["ok", "bad_request", "not_found", "too_large", "coalesced"],
             ),
             deliveries: AtomicU64::new(0),
-            resyncs: CounterVec::new("cause", ["lagged", "resume", "cluster"]),
+            resyncs: CounterVec::new("cause", ["lagged", "resume", "cluster", "order"]),
             lagged_events: AtomicU64::new(0),
             cluster_publish_failures: AtomicU64::new(0),
             limit_refusals: CounterVec::new(

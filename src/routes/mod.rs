@@ -88,7 +88,7 @@ pub fn json(value: &impl serde::Serialize) -> Response {
 /// The public listener: `/ws`, `/sse`, `/client.js`, `/healthz`, `/readyz`.
 pub fn public(state: Arc<AppState>) -> Routes {
     health()
-        .or(ready(state.clone()))
+        .or(ready(state.clone(), Audience::LoadBalancer))
         .unify()
         .or(ws::route(state.clone()))
         .unify()
@@ -106,7 +106,7 @@ pub fn public(state: Arc<AppState>) -> Routes {
 /// The internal listener: `/internal/*`, `/metrics`, `/healthz`, `/readyz`.
 pub fn internal(state: Arc<AppState>) -> Routes {
     health()
-        .or(ready(state.clone()))
+        .or(ready(state.clone(), Audience::Operator))
         .unify()
         .or(internal::metrics_route(state.clone()))
         .unify()
@@ -130,10 +130,22 @@ fn health() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clo
         })
 }
 
-/// `GET /readyz`: 200 while serving; 503 once shutdown has begun (so a load balancer stops
-/// sending new clients before the sockets close) and, in cluster mode, while Redis is away.
+/// Who asks `/readyz`, and so what "ready" means.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Audience {
+    /// The public port's load balancer: can this node serve browsers? Yes while it runs,
+    /// Redis or not: a node cut off from Redis still delivers every local publish, and taking
+    /// the whole fleet out during a Redis outage would serve nobody.
+    LoadBalancer,
+    /// The internal port's operator and monitoring: is this node whole, Redis included?
+    Operator,
+}
+
+/// `GET /readyz`: 503 once shutdown has begun (so a load balancer stops sending new clients
+/// before the sockets close); on the internal port also while Redis is away (cluster mode).
 fn ready(
     state: Arc<AppState>,
+    audience: Audience,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path("readyz")
         .and(warp::path::end())
@@ -142,7 +154,7 @@ fn ready(
             Method::GET | Method::HEAD if state.shutdown.is_down() => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
             }
-            Method::GET | Method::HEAD if !state.is_ready() => {
+            Method::GET | Method::HEAD if audience == Audience::Operator && !state.is_ready() => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "redis unavailable")
             }
             Method::GET | Method::HEAD => text(StatusCode::OK, "ready"),

@@ -87,8 +87,9 @@ async fn node(redis: &Redis, extra: &str) -> TestWorker {
     t
 }
 
+/// The operator's view (internal port): ready means connected to Redis.
 async fn ready(t: &TestWorker) -> bool {
-    http(t.public, "GET", "/readyz", &[], b"").await.status == 200
+    http(t.internal, "GET", "/readyz", &[], b"").await.status == 200
 }
 
 /// Waits (up to 20 s: reconnect backoff tops out at 5 s) for readiness to be `want`.
@@ -264,10 +265,10 @@ async fn resume_after_moving_to_another_node() {
     )
     .await;
     assert_eq!(next_json(&mut ws).await["type"], "auth_ok");
+    let first = next_json(&mut ws).await;
     assert_eq!(
-        next_json(&mut ws).await["payload"],
-        1,
-        "WebSocket resumes across nodes too"
+        first["payload"], 1,
+        "WebSocket resumes across nodes too: {first}"
     );
 }
 
