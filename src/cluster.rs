@@ -105,6 +105,10 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     conn: RwLock<Option<MultiplexedConnection>>,
     up: AtomicBool,
+    /// Publishes go through Redis: cleared when a link comes up, set once it has caught up and
+    /// announced what we published while cut off, so no event of ours overtakes that
+    /// announcement. (While only the subscription is lost, publishes still reach Redis.)
+    open: AtomicBool,
     /// Registered topics as last seen (for `registry_cache_ttl`, and while Redis is away for
     /// up to `topic_ttl`). Keys come from Redis or the backend, never from a browser alone.
     cache: Mutex<HashMap<String, Cached>>,
@@ -195,6 +199,7 @@ impl Cluster {
             metrics,
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
+            open: AtomicBool::new(false),
             cache: Mutex::new(HashMap::new()),
             negative: Mutex::new(BoundedMap::new(MAX_NEGATIVE_ENTRIES)),
             cache_ttl,
@@ -219,10 +224,9 @@ impl Cluster {
         self.reconnects.load(Ordering::Relaxed)
     }
 
+    /// The command connection. It outlives a lost subscription (a `CLIENT KILL` of the pub/sub
+    /// connection leaves it working, so lookups go on); with Redis gone its commands fail.
     fn connection(&self) -> Option<MultiplexedConnection> {
-        if !self.is_up() {
-            return None;
-        }
         self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -253,6 +257,9 @@ impl Cluster {
                 Ok((conn, pubsub)) => {
                     backoff = BACKOFF_MIN;
                     said_unavailable = false;
+                    // Until this reconnect has caught up and announced what we published while
+                    // cut off, our publishes stay local.
+                    self.open.store(false, Ordering::Release);
                     *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn);
                     self.up.store(true, Ordering::Release);
                     tracing::info!(node = %self.node_id, "redis connected: cluster mode active");
@@ -261,6 +268,7 @@ impl Cluster {
                     self.hub.set_isolated(false);
                     self.write_pending_registrations().await;
                     self.announce_missed().await;
+                    self.open.store(true, Ordering::Release);
                     let stopped = self.pump(pubsub, &mut shutdown).await;
                     self.hub.set_isolated(true);
                     let seq_now = self
@@ -268,7 +276,6 @@ impl Cluster {
                         .await;
                     *lock(&self.seq_at_loss) = seq_now.flatten();
                     self.up.store(false, Ordering::Release);
-                    *self.conn.write().unwrap_or_else(|e| e.into_inner()) = None;
                     if stopped {
                         return;
                     }
@@ -520,6 +527,7 @@ impl Cluster {
             if at_loss > applied {
                 self.hub.schedule_resync(None, RESYNC_SPREAD);
             }
+            self.restore_registrations().await;
         }
         let applied = *lock(&self.applied);
         self.fill(applied + 1, seq).await;
@@ -562,7 +570,10 @@ impl Cluster {
     ) -> Published {
         let n = seq / CLUSTER_SCALE;
         let mut echoed = self.echoed.subscribe();
-        let _ = tokio::time::timeout(ECHO_TIMEOUT, echoed.wait_for(|v| *v >= n)).await;
+        if self.is_up() {
+            // (Without a subscription no echo can come: deliver at once.)
+            let _ = tokio::time::timeout(ECHO_TIMEOUT, echoed.wait_for(|v| *v >= n)).await;
+        }
         {
             let mut own = lock(&self.own);
             if let Some(Own::Delivered(published)) = own.remove(&nonce) {
@@ -583,6 +594,9 @@ impl Cluster {
         nonce: u64,
         coalesce: Option<Duration>,
     ) -> Option<u64> {
+        if !self.open.load(Ordering::Acquire) {
+            return None;
+        }
         let mut conn = self.connection()?;
         let origin = serde_json::to_string(&self.node_id).ok()?;
         let topic_json = serde_json::to_string(topic).ok()?;
@@ -621,6 +635,9 @@ impl Cluster {
             return;
         };
         let topics: Vec<String> = missed.into_iter().map(|(t, _)| t).collect();
+        // Our subscribers saw those events, but an id from another node up to now does not
+        // tell whether its client did: resuming from one here gives `resync` too.
+        self.hub.forbid_resume_up_to_now(&topics);
         self.send_control("resync", &topics, Some(until)).await;
     }
 
@@ -757,6 +774,25 @@ impl Cluster {
     /// Cached negative answers, for the metrics.
     pub fn negative_entries(&self) -> usize {
         lock(&self.negative).len()
+    }
+
+    /// Redis lost its data: writes back the registrations this node knows (still within
+    /// `topic_ttl`), so browsers reconnecting now don't get 404 until the backend registers
+    /// its topics again.
+    async fn restore_registrations(&self) {
+        let ttl = self.topic_ttl;
+        let known: Vec<(String, TopicMeta)> = lock(&self.cache)
+            .iter()
+            .filter(|(_, c)| c.fetched.elapsed() < ttl)
+            .filter_map(|(t, c)| c.meta.map(|m| (t.clone(), m)))
+            .collect();
+        for (topic, meta) in known {
+            let key = format!("{TOPIC_PREFIX}{topic}");
+            let exists: Option<bool> = self.command(redis::cmd("EXISTS").arg(&key)).await;
+            if exists == Some(false) {
+                self.write_topic(&topic, meta).await;
+            }
+        }
     }
 
     /// Registrations made while Redis was away, written now that it is back.

@@ -319,6 +319,16 @@ impl Hub {
         });
     }
 
+    /// Makes every id up to now unresumable on `names` (live subscribers are not disturbed).
+    pub fn forbid_resume_up_to_now(&self, names: &[String]) {
+        let now = self.current_seq();
+        let map = lock(&self.topics);
+        for topic in names.iter().filter_map(|n| map.get(n.as_str())) {
+            let mut state = lock(&topic.state);
+            state.floor = state.floor.max(state.last_seq.max(now) + 1);
+        }
+    }
+
     /// Sends an owed `resync`, if any.
     fn pay_resync(&self, state: &mut TopicState, cause: &str) {
         if !std::mem::take(&mut state.resync_pending) {
@@ -774,6 +784,60 @@ mod tests {
             Some(Delivery::Event(f)) => f,
             other => panic!("expected an event, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_topic_swept_between_lookup_and_lock_is_looked_up_again() {
+        let h = hub(8, limits(8));
+        h.publish("a", "0", None);
+        // What `sweep` does to a topic a publish has already found: marked, then removed.
+        let found = h.topic_for_publish("a", 0).unwrap();
+        lock(&found.state).removed = true;
+        let mut sub = h.subscribe("a", None).subscription;
+        h.publish("a", "1", None);
+        assert_eq!(
+            next_event(&mut sub).await.seq,
+            2,
+            "the new subscriber gets it"
+        );
+        assert!(
+            lock(&found.state).history.len() <= 1,
+            "nothing went to the removed one"
+        );
+    }
+
+    #[tokio::test]
+    async fn local_numbers_never_run_into_the_next_cluster_number() {
+        let h = Hub::new(8, limits(8), Arc::new(Metrics::default()), 4);
+        let mut sub = h.subscribe("a", None).subscription;
+        h.accept("a", "0", Some(4), None); // cluster number 1
+        for i in 1..=3 {
+            h.publish("a", &i.to_string(), None); // Go events: 1.1, 1.2, 1.3
+        }
+        for want in [4, 5, 6, 7] {
+            assert_eq!(next_event(&mut sub).await.seq, want);
+        }
+        // A fourth would be 2.0, the next cluster number: refused with resync instead.
+        h.publish("a", "4", None);
+        assert!(matches!(sub.next().await, Some(Delivery::Resync)));
+        h.accept("a", "5", Some(8), None);
+        assert_eq!(next_event(&mut sub).await.seq, 8);
+    }
+
+    #[tokio::test]
+    async fn an_event_older_than_the_last_one_is_a_resync_not_a_delivery() {
+        let h = hub(8, limits(8));
+        let mut sub = h.subscribe("a", None).subscription;
+        h.accept("a", "\"new\"", Some(5), None);
+        assert_eq!(next_event(&mut sub).await.seq, 5);
+        h.accept("a", "\"late\"", Some(4), None);
+        assert!(matches!(sub.next().await, Some(Delivery::Resync)));
+        let id = h.format_id(5);
+        let resumed = h.subscribe("a", Some(&id));
+        assert!(
+            matches!(resumed.replay, Replay::Resync),
+            "a resume from before is not exact"
+        );
     }
 
     #[tokio::test]

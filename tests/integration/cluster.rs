@@ -29,7 +29,7 @@ impl Redis {
         Some(redis)
     }
 
-    async fn launch(&mut self) {
+    pub async fn launch(&mut self) {
         let child = Command::new(&self.binary)
             .args([
                 "--port",
@@ -52,7 +52,7 @@ impl Redis {
         .await;
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -63,7 +63,7 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    fn cli(&self, args: &[&str]) -> String {
+    pub fn cli(&self, args: &[&str]) -> String {
         let cli = require_tool("redis-cli").expect("redis-cli comes with redis-server");
         let out = Command::new(cli)
             .args(["-p", &self.port.to_string()])
@@ -81,7 +81,7 @@ impl Drop for Redis {
     }
 }
 
-async fn node(redis: &Redis, extra: &str) -> TestWorker {
+pub async fn node(redis: &Redis, extra: &str) -> TestWorker {
     let t = start(&format!("redis_url = \"{}\"\n{extra}", redis.url())).await;
     wait_ready(&t, true).await;
     t
@@ -93,7 +93,7 @@ async fn ready(t: &TestWorker) -> bool {
 }
 
 /// Waits (up to 20 s: reconnect backoff tops out at 5 s) for readiness to be `want`.
-async fn wait_ready(t: &TestWorker, want: bool) {
+pub async fn wait_ready(t: &TestWorker, want: bool) {
     for _ in 0..400 {
         if ready(t).await == want {
             return;
