@@ -25,6 +25,18 @@ fn pubsub_clients(redis: &Redis) -> HashSet<String> {
         .collect()
 }
 
+/// An SSE client on `qso.1` at `t`, resuming after `last` (from the start when empty), past
+/// its `position` block.
+async fn resume_on(t: &TestWorker, last: &str) -> SseClient {
+    let resume = [("Last-Event-ID", last)];
+    let headers: &[(&str, &str)] = if last.is_empty() { &[] } else { &resume };
+    let mut sse = SseClient::connect(t.public, &sse_path("qso.1", "x"), headers)
+        .await
+        .unwrap();
+    sse.next_block().await.unwrap();
+    sse
+}
+
 /// Frames until the push with `payload` arrives: the payloads pushed before it, and whether a
 /// `resync` came.
 async fn until_payload(sse: &mut SseClient, payload: i64) -> (Vec<i64>, bool) {
@@ -62,10 +74,7 @@ async fn a_node_whose_pubsub_connection_drops_fills_the_gap_and_resumes_exactly(
         .collect();
     assert_eq!(b_pubsub.len(), 1, "one pub/sub connection per node");
     register(&a, "qso.1", false).await;
-    let mut sse = SseClient::connect(a.public, &sse_path("qso.1", "x"), &[])
-        .await
-        .unwrap();
-    sse.next_block().await.unwrap();
+    let mut sse = resume_on(&a, "").await;
     for i in 1..=3 {
         assert_eq!(publish(&a, "qso.1", &i.to_string()).await, 200);
         assert_eq!(sse.next_json().await["payload"], i);
@@ -78,14 +87,7 @@ async fn a_node_whose_pubsub_connection_drops_fills_the_gap_and_resumes_exactly(
         assert_eq!(publish(&a, "qso.1", &i.to_string()).await, 200);
     }
     // The client comes back on B, from e3.
-    let mut moved = SseClient::connect(
-        b.public,
-        &sse_path("qso.1", "x"),
-        &[("Last-Event-ID", &last)],
-    )
-    .await
-    .unwrap();
-    moved.next_block().await.unwrap();
+    let mut moved = resume_on(&b, &last).await;
     eventually("B to reconnect", || async {
         b.worker.state.cluster.as_ref().unwrap().reconnects() > 0 && b.worker.state.is_ready()
     })
@@ -97,14 +99,7 @@ async fn a_node_whose_pubsub_connection_drops_fills_the_gap_and_resumes_exactly(
         "every missed event or a resync, never a silent skip: {seen:?}"
     );
     // And a resume on B from e3 once B has caught up replays exactly e4-e7.
-    let mut again = SseClient::connect(
-        b.public,
-        &sse_path("qso.1", "x"),
-        &[("Last-Event-ID", &last)],
-    )
-    .await
-    .unwrap();
-    again.next_block().await.unwrap();
+    let mut again = resume_on(&b, &last).await;
     assert_eq!(publish(&a, "qso.1", "8").await, 200);
     let (seen, resync) = until_payload(&mut again, 8).await;
     assert!(!resync, "the log filled B's history");
@@ -119,10 +114,7 @@ async fn a_resume_across_a_redis_restart_is_a_resync_never_a_skip() {
     let a = node(&redis, "").await;
     let b = node(&redis, "").await;
     register(&a, "qso.1", false).await;
-    let mut sse = SseClient::connect(a.public, &sse_path("qso.1", "x"), &[])
-        .await
-        .unwrap();
-    sse.next_block().await.unwrap();
+    let mut sse = resume_on(&a, "").await;
     assert_eq!(publish(&a, "qso.1", "1").await, 200);
     assert_eq!(sse.next_json().await["payload"], 1);
     let last = sse.last_id.clone().unwrap();
@@ -135,14 +127,7 @@ async fn a_resume_across_a_redis_restart_is_a_resync_never_a_skip() {
     for i in 2..=3 {
         assert_eq!(publish(&a, "qso.1", &i.to_string()).await, 200);
     }
-    let mut moved = SseClient::connect(
-        b.public,
-        &sse_path("qso.1", "x"),
-        &[("Last-Event-ID", &last)],
-    )
-    .await
-    .unwrap();
-    moved.next_block().await.unwrap();
+    let mut moved = resume_on(&b, &last).await;
     assert_eq!(publish(&a, "qso.1", "4").await, 200);
     let (seen, resync) = until_payload(&mut moved, 4).await;
     assert!(
