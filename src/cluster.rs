@@ -88,6 +88,28 @@ redis.call('PUBLISH', 'wavelog:events', envelope)
 return {epoch, seq}
 "#;
 
+/// Takes or renews a lease. KEYS: the lease. ARGV: holder, ttl ms. Returns 1 while we hold it.
+const LEASE_LUA: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Gives a lease up if we hold it. KEYS: the lease. ARGV: holder.
+const RELEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
 /// A topic as this node last knew it.
 #[derive(Debug, Clone, Copy)]
 struct Cached {
@@ -551,7 +573,7 @@ impl Cluster {
                 self.metrics
                     .cluster_publish_failures
                     .fetch_add(1, Ordering::Relaxed);
-                lock(&self.missed).insert(topic.to_string(), unix_ms());
+                lock(&self.missed).insert(topic.to_string(), crate::time::unix_ms());
                 self.hub.publish_isolated(topic, payload, coalesce)
             }
         }
@@ -771,6 +793,37 @@ impl Cluster {
         lock(&self.cache).retain(|_, c| c.pending_write || c.fetched.elapsed() < ttl);
     }
 
+    /// Takes or renews the lease `key` (one holder across the cluster, expiring after `ttl`
+    /// unless renewed). `false` with Redis away: a node that cannot reach Redis holds nothing.
+    pub async fn hold_lease(&self, key: &str, ttl: Duration) -> bool {
+        if !self.is_up() {
+            return false;
+        }
+        let Some(mut conn) = self.connection() else {
+            return false;
+        };
+        let script = Script::new(LEASE_LUA);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(key)
+            .arg(&self.node_id)
+            .arg(ttl.as_millis() as u64);
+        let call = invocation.invoke_async::<i64>(&mut conn);
+        matches!(tokio::time::timeout(COMMAND_TIMEOUT, call).await, Ok(Ok(1)))
+    }
+
+    /// Gives the lease `key` up if we hold it (on shutdown, so another node takes over at once).
+    pub async fn release_lease(&self, key: &str) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let script = Script::new(RELEASE_LUA);
+        let mut invocation = script.prepare_invoke();
+        invocation.key(key).arg(&self.node_id);
+        let call = invocation.invoke_async::<i64>(&mut conn);
+        let _ = tokio::time::timeout(COMMAND_TIMEOUT, call).await;
+    }
+
     /// Cached negative answers, for the metrics.
     pub fn negative_entries(&self) -> usize {
         lock(&self.negative).len()
@@ -876,10 +929,4 @@ impl Cluster {
 fn split_id(id: &str) -> Option<(&str, u64)> {
     let (epoch, n) = id.rsplit_once('-')?;
     Some((epoch, n.parse().ok()?))
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -22,6 +22,10 @@ impl Secret {
     pub fn expose(&self) -> &[u8] {
         self.0.as_bytes()
     }
+
+    pub fn expose_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -98,6 +102,29 @@ pub struct Config {
     pub trusted_proxies: Vec<Cidr>,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
+    /// The DX cluster relay; `None` unless `dxcluster.host` is set.
+    pub dxcluster: Option<DxClusterConfig>,
+}
+
+/// The `[dxcluster]` table: one telnet connection to a DX cluster node, relayed as pushes.
+#[derive(Debug, Clone)]
+pub struct DxClusterConfig {
+    pub host: String,
+    pub port: u16,
+    /// Our login at the node.
+    pub callsign: String,
+    /// Sent when the node asks for one; empty = none.
+    pub password: Secret,
+    /// The topic the relay registers and publishes to (Wavelog looks for `dxspots`).
+    pub topic: String,
+    /// Wavelog's callsign lookup API (`http://.../index.php/api/lookup`); `None` = no DXCC data.
+    pub lookup_url: Option<String>,
+    pub lookup_key: Secret,
+    /// The topic is unregistered once the node has been unreachable this long, so Wavelog
+    /// falls back to polling.
+    pub unregister_after: Duration,
+    /// No line from the node for this long: it is taken for dead and reconnected.
+    pub silence_timeout: Duration,
 }
 
 /// How log lines look.
@@ -143,6 +170,20 @@ const KEYS: &[&str] = &[
     "inbound_frame_burst",
     "inbound_frames_per_second",
     "trusted_proxies",
+    "dxcluster",
+];
+
+/// Keys of the `[dxcluster]` table.
+const DXCLUSTER_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "callsign",
+    "password",
+    "topic",
+    "lookup_url",
+    "lookup_key",
+    "unregister_after",
+    "silence_timeout",
 ];
 
 /// One line naming the key and the problem.
@@ -157,12 +198,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Name of the environment variable that overrides `key`.
+/// Name of the environment variable that overrides `key` (`dxcluster.host` ->
+/// `WORKER_DXCLUSTER_HOST`).
 pub fn env_name(key: &str) -> String {
     if key == "worker_secret" {
         "WORKER_SECRET".to_string()
     } else {
-        format!("WORKER_{}", key.to_ascii_uppercase())
+        format!("WORKER_{}", key.replace('.', "_").to_ascii_uppercase())
     }
 }
 
@@ -182,7 +224,15 @@ impl Source<'_> {
         let var = env_name(key);
         match (self.env)(&var) {
             Some(v) => Some(Value::Env(var, v)),
-            None => self.table.get(key).map(Value::File),
+            None => match key.split_once('.') {
+                Some((table, sub)) => self
+                    .table
+                    .get(table)
+                    .and_then(|t| t.as_table())
+                    .and_then(|t| t.get(sub))
+                    .map(Value::File),
+                None => self.table.get(key).map(Value::File),
+            },
         }
     }
 
@@ -423,7 +473,10 @@ impl Config {
             )));
         }
 
+        let dxcluster = dxcluster(&src)?;
+
         Ok(Config {
+            dxcluster,
             ws_bind: src.string("ws_bind", "")?,
             ws_port: src.integer("ws_port", 9000, 0, 65535)? as u16,
             internal_bind: src.string("internal_bind", "127.0.0.1")?,
@@ -473,6 +526,70 @@ impl Config {
             },
         })
     }
+}
+
+/// The `[dxcluster]` table, validated; `None` without a `host`.
+fn dxcluster(src: &Source<'_>) -> Result<Option<DxClusterConfig>, ConfigError> {
+    if let Some(table) = src.table.get("dxcluster") {
+        let table = table.as_table().ok_or_else(|| {
+            ConfigError("key \"dxcluster\": expected a table ([dxcluster])".into())
+        })?;
+        if let Some(unknown) = table.keys().find(|k| !DXCLUSTER_KEYS.contains(&k.as_str())) {
+            return Err(ConfigError(format!(
+                "unknown key \"dxcluster.{unknown}\" (known keys: {})",
+                DXCLUSTER_KEYS.join(", ")
+            )));
+        }
+    }
+    let host = src.string("dxcluster.host", "")?.trim().to_string();
+    if host.is_empty() {
+        return Ok(None);
+    }
+    let callsign = src
+        .string("dxcluster.callsign", "")?
+        .trim()
+        .to_ascii_uppercase();
+    if callsign.is_empty()
+        || !callsign
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '/' || c == '-')
+    {
+        return Err(ConfigError(format!(
+            "key \"dxcluster.callsign\": required with dxcluster.host, a callsign such as \"N0CALL\" (got {callsign:?})"
+        )));
+    }
+    let lookup_url = src.string("dxcluster.lookup_url", "")?.trim().to_string();
+    if lookup_url.starts_with("https://") {
+        return Err(ConfigError(
+            "key \"dxcluster.lookup_url\": https:// is not supported by this build; point it at \
+             Wavelog over loopback or the private network (http://127.0.0.1/index.php/api/lookup)"
+                .into(),
+        ));
+    }
+    if !lookup_url.is_empty() && !lookup_url.starts_with("http://") {
+        return Err(ConfigError(format!(
+            "key \"dxcluster.lookup_url\": expected http://host[:port]/path, got {lookup_url:?}"
+        )));
+    }
+    let topic = src.string("dxcluster.topic", "dxspots")?.trim().to_string();
+    if topic.is_empty() || topic.len() > crate::protocol::MAX_TOPIC_LEN {
+        return Err(ConfigError(
+            "key \"dxcluster.topic\": a topic name of 1 to 256 bytes".into(),
+        ));
+    }
+    Ok(Some(DxClusterConfig {
+        host,
+        port: src.integer("dxcluster.port", 7300, 1, 65535)? as u16,
+        callsign,
+        password: Secret::new(src.string("dxcluster.password", "")?),
+        topic,
+        lookup_url: (!lookup_url.is_empty()).then_some(lookup_url),
+        lookup_key: Secret::new(src.string("dxcluster.lookup_key", "")?),
+        unregister_after: src
+            .positive_duration("dxcluster.unregister_after", Duration::from_secs(120))?,
+        silence_timeout: src
+            .positive_duration("dxcluster.silence_timeout", Duration::from_secs(300))?,
+    }))
 }
 
 impl Config {
@@ -549,7 +666,32 @@ impl Config {
                 }),
             ),
         ];
-        lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
+        let mut out: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+        if let Some(dx) = &self.dxcluster {
+            let redacted = |secret: &Secret| {
+                if secret.expose().is_empty() {
+                    s("")
+                } else {
+                    s("[redacted]")
+                }
+            };
+            let dx_lines = [
+                ("host", s(&dx.host)),
+                ("port", dx.port.to_string()),
+                ("callsign", s(&dx.callsign)),
+                ("password", redacted(&dx.password)),
+                ("topic", s(&dx.topic)),
+                ("lookup_url", s(dx.lookup_url.as_deref().unwrap_or(""))),
+                ("lookup_key", redacted(&dx.lookup_key)),
+                ("unregister_after", d(dx.unregister_after)),
+                ("silence_timeout", d(dx.silence_timeout)),
+            ];
+            out.push_str("\n[dxcluster]\n");
+            for (k, v) in dx_lines {
+                out.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        out
     }
 }
 

@@ -62,20 +62,6 @@ enum IdKind {
     Isolated,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// A number in [0, 1) from the clock's low bits: enough to spread resyncs of different nodes.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    f64::from(nanos % 1_000_000) / 1_000_000.0
-}
-
 /// What a subscriber receives next.
 #[derive(Debug, Clone)]
 pub enum Delivery {
@@ -278,7 +264,7 @@ impl Hub {
         window: Duration,
         all: bool,
     ) {
-        let now_ms = unix_ms();
+        let now_ms = crate::time::unix_ms();
         let topics: Vec<Arc<Topic>> = match all {
             true => self.all_topics(),
             false => {
@@ -310,7 +296,7 @@ impl Hub {
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
             let step = window / (owed.len() as u32).max(1);
-            let offset = step.mul_f64(jitter());
+            let offset = step.mul_f64(crate::time::jitter());
             for (i, topic) in owed.iter().enumerate() {
                 tokio::time::sleep_until(start + offset + step * i as u32).await;
                 let mut state = lock(&topic.state);

@@ -9,6 +9,7 @@ pub mod cidr;
 pub mod cluster;
 pub mod config;
 pub mod duration;
+pub mod dxcluster;
 pub mod hub;
 pub mod metrics;
 pub mod presence;
@@ -255,6 +256,9 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
     ];
     if let Some(cluster) = cluster {
         tasks.push(tokio::spawn(cluster.run(shutdown.clone())));
+    }
+    if let Some(dx) = state.config.dxcluster.clone() {
+        dxcluster::start(state.clone(), dx, shutdown.clone());
     }
     tracing::info!(
         version = VERSION,

@@ -136,6 +136,36 @@ pub struct Metrics {
     /// WebSocket closes, by why.
     pub ws_disconnects: CounterVec<12>,
     pub publish_to_send: Histogram,
+    /// The DX cluster relay.
+    pub dx: DxMetrics,
+}
+
+/// A plain counter.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What the DX cluster relay did.
+#[derive(Default)]
+pub struct DxMetrics {
+    /// 1 while logged in at the cluster node.
+    pub connected: AtomicI64,
+    pub lines: Counter,
+    pub spots: Counter,
+    pub ignored: Counter,
+    pub duplicates: Counter,
+    pub lookup_hits: Counter,
+    pub lookup_misses: Counter,
+    pub lookup_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -196,6 +226,7 @@ impl Default for Metrics {
                     "too_many_failures",
                 ],
             ),
+            dx: DxMetrics::default(),
         }
     }
 }
@@ -260,6 +291,25 @@ impl Metrics {
             "Distinct authenticated users plus anonymous connections.",
             clients,
         );
+        let dx = &self.dx;
+        sample(
+            o,
+            "dx_upstream_connected",
+            "gauge",
+            "1 while the DX cluster relay is logged in at its node.",
+            dx.connected.load(Ordering::Relaxed),
+        );
+        for (name, help, counter) in [
+            ("dx_lines_total", "Lines read from the DX cluster node.", &dx.lines),
+            ("dx_spots_published_total", "Spots published.", &dx.spots),
+            ("dx_lines_ignored_total", "Lines that were no valid spot (announcements, prompts, malformed, too long, no band).", &dx.ignored),
+            ("dx_spots_duplicate_total", "Spots dropped as repeats of one seen shortly before.", &dx.duplicates),
+            ("dx_lookup_cache_hits_total", "Callsign lookups answered from the cache.", &dx.lookup_hits),
+            ("dx_lookup_cache_misses_total", "Callsign lookups sent to Wavelog.", &dx.lookup_misses),
+            ("dx_lookup_errors_total", "Callsign lookups that failed.", &dx.lookup_errors),
+        ] {
+            sample(o, name, "counter", help, counter.get());
+        }
         sample(
             o,
             "throttle_tracked_clients",

@@ -4,6 +4,7 @@ mod admission;
 mod cluster;
 mod common;
 mod connections;
+mod dxcluster;
 mod faults;
 mod hostile;
 mod internal_api;
