@@ -775,4 +775,54 @@ mod tests {
         let err = Config::from_toml(&format!("worker_secret = \"{SECRET}\""), &bad).unwrap_err();
         assert!(err.to_string().contains("WORKER_WS_PORT"), "{err}");
     }
+
+    #[test]
+    fn the_dx_cluster_relay_is_configured_by_its_table_or_the_environment() {
+        let none = parse(&format!("worker_secret = \"{SECRET}\"")).unwrap();
+        assert!(none.dxcluster.is_none(), "off without a host");
+        let text = format!(
+            "worker_secret = \"{SECRET}\"\n[dxcluster]\nhost = \"dxc.example.org\"\ncallsign = \"n0call\"\n\
+             lookup_url = \"http://127.0.0.1/index.php/api/lookup\"\nlookup_key = \"k\""
+        );
+        let dx = parse(&text).unwrap().dxcluster.unwrap();
+        assert_eq!((dx.host.as_str(), dx.port), ("dxc.example.org", 7300));
+        assert_eq!(
+            (dx.callsign.as_str(), dx.topic.as_str()),
+            ("N0CALL", "dxspots")
+        );
+        assert_eq!(dx.unregister_after, Duration::from_secs(120));
+        let env = |k: &str| match k {
+            "WORKER_DXCLUSTER_HOST" => Some("other.example.org".to_string()),
+            "WORKER_DXCLUSTER_PORT" => Some("8000".to_string()),
+            "WORKER_DXCLUSTER_CALLSIGN" => Some("DL1ABC".to_string()),
+            _ => None,
+        };
+        let c = Config::from_toml(&format!("worker_secret = \"{SECRET}\""), &env).unwrap();
+        let dx = c.dxcluster.unwrap();
+        assert_eq!((dx.host.as_str(), dx.port), ("other.example.org", 8000));
+        let redacted = Config::from_toml(&text, &|_| None)
+            .unwrap()
+            .to_toml_redacted();
+        assert!(
+            redacted.contains("[dxcluster]") && redacted.contains("lookup_key = \"[redacted]\"")
+        );
+        for (extra, key) in [
+            ("host = \"x\"", "dxcluster.callsign"),
+            (
+                "host = \"x\"\ncallsign = \"A1A\"\nlookup_url = \"https://x/y\"",
+                "dxcluster.lookup_url",
+            ),
+            ("host = \"x\"\ncallsign = \"A1A\"\nprt = 1", "dxcluster.prt"),
+            (
+                "host = \"x\"\ncallsign = \"A1A\"\nport = 0",
+                "dxcluster.port",
+            ),
+        ] {
+            let err = parse(&format!(
+                "worker_secret = \"{SECRET}\"\n[dxcluster]\n{extra}"
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
+    }
 }

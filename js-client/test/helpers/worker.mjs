@@ -50,9 +50,10 @@ export async function waitFor(fn, { timeout = 10000, interval = 25, what = "cond
 
 /**
  * Starts the worker. `ports` {public, internal} fixes the ports (for a restart on the same ones);
- * default 0 = the worker picks free ones. Returns a handle with the ports and helpers.
+ * default 0 = the worker picks free ones. `tables`: raw TOML appended after the keys. Returns a
+ * handle with the ports and helpers.
  */
-export async function startWorker({ ports, config = {} } = {}) {
+export async function startWorker({ ports, config = {}, tables = "" } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "ww-worker-"));
   const lines = [
     `worker_secret = "${SECRET}"`,
@@ -63,6 +64,8 @@ export async function startWorker({ ports, config = {} } = {}) {
     `shutdown_drain = "200ms"`,
   ];
   for (const [k, v] of Object.entries(config)) lines.push(`${k} = ${JSON.stringify(v)}`);
+  // TOML tables ([dxcluster]) come after every top-level key.
+  if (tables) lines.push(tables);
   const cfg = join(dir, "worker.toml");
   writeFileSync(cfg, lines.join("\n") + "\n");
   const child = spawn(WORKER_BIN, ["--config", cfg], {
