@@ -289,8 +289,7 @@ impl Cluster {
                     ever_connected = true;
                     self.hub.set_isolated(false);
                     self.write_pending_registrations().await;
-                    self.announce_missed().await;
-                    self.open.store(true, Ordering::Release);
+                    self.open_and_announce().await;
                     let stopped = self.pump(pubsub, &mut shutdown).await;
                     self.hub.set_isolated(true);
                     let seq_now = self
@@ -424,6 +423,7 @@ impl Cluster {
         {
             let mut applied = lock(&self.applied);
             *applied = (*applied).max(n);
+            self.hub.set_applied(*applied);
         }
         self.echoed.send_if_modified(|v| {
             let newer = n > *v;
@@ -436,6 +436,7 @@ impl Cluster {
 
     fn reset_applied(&self, n: u64) {
         *lock(&self.applied) = n;
+        self.hub.set_applied(n);
         self.echoed.send_replace(n);
     }
 
@@ -477,6 +478,8 @@ impl Cluster {
                 missed = to - next + 1,
                 "events beyond the cluster log were missed: subscribers resync"
             );
+            // Those numbers exist: no id up to them may be resumed from here.
+            self.hub.advance_past(to.saturating_mul(CLUSTER_SCALE));
             self.hub.schedule_resync(None, RESYNC_SPREAD);
             self.mark_applied(to);
         }
@@ -568,13 +571,26 @@ impl Cluster {
         match self.publish_remote(topic, payload, nonce, coalesce).await {
             Some(seq) => self.await_echo(topic, payload, nonce, seq, coalesce).await,
             None => {
-                // The script may still run after we gave up: its echo is then skipped here.
-                lock(&self.own).insert(nonce, Own::Abandoned);
+                {
+                    // The script may have run after we gave up: if its echo was delivered
+                    // already, that was the delivery; if it comes later, it is skipped.
+                    let mut own = lock(&self.own);
+                    if let Some(Own::Delivered(published)) = own.remove(&nonce) {
+                        return published;
+                    }
+                    own.insert(nonce, Own::Abandoned);
+                }
                 self.metrics
                     .cluster_publish_failures
                     .fetch_add(1, Ordering::Relaxed);
                 lock(&self.missed).insert(topic.to_string(), crate::time::unix_ms());
-                self.hub.publish_isolated(topic, payload, coalesce)
+                let published = self.hub.publish_isolated(topic, payload, coalesce);
+                if self.open.load(Ordering::Acquire) && self.is_up() {
+                    // The link came back while we published: the reconnect's announcement may
+                    // have missed this topic.
+                    self.announce_missed().await;
+                }
+                published
             }
         }
     }
@@ -653,34 +669,59 @@ impl Cluster {
     /// Tells other nodes which topics had events that never reached Redis.
     async fn announce_missed(&self) {
         let missed: Vec<(String, u64)> = lock(&self.missed).drain().collect();
+        self.announce(missed).await;
+    }
+
+    /// Opens publishing through Redis and announces what was published while cut off; under
+    /// the `missed` lock, so a publish that finds the link closed either lands in this
+    /// announcement or sees it open afterwards and announces itself.
+    async fn open_and_announce(&self) {
+        let missed: Vec<(String, u64)> = {
+            let mut missed = lock(&self.missed);
+            self.open.store(true, Ordering::Release);
+            missed.drain().collect()
+        };
+        self.announce(missed).await;
+    }
+
+    async fn announce(&self, missed: Vec<(String, u64)>) {
         let Some(until) = missed.iter().map(|(_, t)| *t).max() else {
             return;
         };
-        let topics: Vec<String> = missed.into_iter().map(|(t, _)| t).collect();
+        let topics: Vec<String> = missed.iter().map(|(t, _)| t.clone()).collect();
         // Our subscribers saw those events, but an id from another node up to now does not
         // tell whether its client did: resuming from one here gives `resync` too.
         self.hub.forbid_resume_up_to_now(&topics);
-        self.send_control("resync", &topics, Some(until)).await;
+        if !self.send_control("resync", &topics, Some(until)).await {
+            // Not announced: kept for the next reconnect.
+            let mut pending = lock(&self.missed);
+            for (topic, at) in missed {
+                let entry = pending.entry(topic).or_insert(at);
+                *entry = (*entry).max(at);
+            }
+        }
     }
 
     async fn control(&self, op: &str, topics: &[String]) {
-        self.send_control(op, topics, None).await;
+        let _ = self.send_control(op, topics, None).await;
     }
 
-    async fn send_control(&self, op: &str, topics: &[String], until: Option<u64>) {
+    /// Publishes a control message; whether Redis took it.
+    async fn send_control(&self, op: &str, topics: &[String], until: Option<u64>) -> bool {
         let msg = serde_json::json!({
             "origin_id": self.node_id,
             "op": op,
             "topics": topics,
             "until": until,
         });
-        let _: Option<i64> = self
+        let sent: Option<i64> = self
             .command(
                 redis::cmd("PUBLISH")
                     .arg(CONTROL_CHANNEL)
                     .arg(msg.to_string()),
             )
             .await;
+        sent.is_some()
     }
 
     fn cached_meta(&self, topic: &str) -> Option<TopicMeta> {

@@ -150,6 +150,10 @@ pub struct Hub {
     /// Cluster mode: cut off from Redis. Events may be published elsewhere meanwhile, so no
     /// resume can be trusted.
     isolated: AtomicBool,
+    /// Cluster mode: the highest seq up to which this node has applied every cluster event in
+    /// order; ids above it (a local delivery that ran ahead of a gap still being filled) are
+    /// no resume points. Unlimited standalone.
+    watermark: AtomicU64,
 }
 
 /// Result of a publish.
@@ -181,6 +185,7 @@ impl Hub {
             history_bytes: AtomicUsize::new(0),
             topics: Mutex::new(HashMap::new()),
             isolated: AtomicBool::new(false),
+            watermark: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -231,6 +236,20 @@ impl Hub {
             state.last_seq = seq;
             state.coalesce.pending = None;
         }
+    }
+
+    /// Cluster mode: every cluster number up to `n` has been applied in order.
+    pub fn set_applied(&self, n: u64) {
+        let upto = n
+            .saturating_add(1)
+            .saturating_mul(self.scale)
+            .saturating_sub(1);
+        self.watermark.store(upto, Ordering::Release);
+    }
+
+    /// Moves the local numbering past `seq` (events up to it exist, even if not seen here).
+    pub fn advance_past(&self, seq: u64) {
+        self.next_seq.fetch_max(seq + 1, Ordering::AcqRel);
     }
 
     /// Marks this node as cut off from (or back in touch with) the rest of the cluster.
@@ -384,7 +403,7 @@ impl Hub {
         let name = topic;
         let Some(topic) = self.topic_for_publish(name, before) else {
             // Nobody listens and no history is kept: the event only takes an id.
-            let seq = seq.unwrap_or_else(|| self.local_seq());
+            let seq = seq.unwrap_or_else(|| self.local_seq(kind));
             return Published {
                 id: Some(self.format_kind(seq, kind)),
                 receivers: 0,
@@ -473,7 +492,7 @@ impl Hub {
         seq: Option<u64>,
         kind: IdKind,
     ) -> Published {
-        let seq = seq.unwrap_or_else(|| self.local_seq());
+        let seq = seq.unwrap_or_else(|| self.local_seq(kind));
         let id = self.format_kind(seq, kind);
         if seq <= state.last_seq {
             state.floor = state.floor.max(state.last_seq + 1);
@@ -504,7 +523,13 @@ impl Hub {
     /// The next local seq. In cluster mode local numbers sit between two cluster numbers
     /// (`S.1`, `S.2`, ...); they stop at the last one rather than run into the next cluster
     /// number (an event that gets a used number is then refused with `resync`).
-    fn local_seq(&self) -> u64 {
+    fn local_seq(&self, kind: IdKind) -> u64 {
+        if kind == IdKind::Isolated {
+            // Ids issued while cut off resume nowhere: they may run on past the next cluster
+            // number (a long outage must not stop local delivery); a cluster event that then
+            // comes in below them is answered with `resync`.
+            return self.next_seq.fetch_add(1, Ordering::AcqRel);
+        }
         let scale = self.scale;
         match self
             .next_seq
@@ -570,18 +595,25 @@ impl Hub {
     /// Subscribes to `topic`, resuming after `last_event_id` when history allows.
     pub fn subscribe(self: &Arc<Self>, name: &str, last_event_id: Option<&str>) -> Subscribed {
         let mut topics = lock(&self.topics);
-        let topic = match topics.get(name) {
-            Some(t) if !lock(&t.state).removed => t.clone(),
-            _ => self.create_topic(&mut topics, name, self.current_seq()),
+        let mut topic = match topics.get(name) {
+            Some(t) => t.clone(),
+            None => self.create_topic(&mut topics, name, self.current_seq()),
         };
+        // `sweep` marks a topic removed under the topic's lock alone; the map lock we hold
+        // keeps it from leaving the map meanwhile, so checking after locking is enough.
+        if lock(&topic.state).removed {
+            topic = self.create_topic(&mut topics, name, self.current_seq());
+        }
         let mut state = lock(&topic.state);
         drop(topics);
         self.trim(&mut state, Instant::now());
         let now_seq = self.current_seq();
+        // Cluster mode: only ids of events this node has applied in order are resume points.
+        let resumable = now_seq.min(self.watermark.load(Ordering::Acquire));
         let trusted = !self.isolated.load(Ordering::Acquire) && !state.resync_pending;
         let resume_from = last_event_id.map(|id| {
             self.parse_id(id)
-                .filter(|seq| trusted && *seq >= state.floor && *seq <= now_seq)
+                .filter(|seq| trusted && *seq >= state.floor && *seq <= resumable)
         });
         let (replay, position) = match resume_from {
             None => (Replay::Events(Vec::new()), now_seq),

@@ -18,7 +18,10 @@ use crate::sync::lock;
 const CACHE_TTL: Duration = Duration::from_secs(3600);
 const ERROR_TTL: Duration = Duration::from_secs(60);
 const CACHE_SIZE: usize = 10_000;
-const TIMEOUT: Duration = Duration::from_secs(3);
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed lookup, callsigns not in the cache are not looked up for this long: spots
+/// go out without DXCC data rather than wait for an API that is down.
+const BACKOFF: Duration = Duration::from_secs(30);
 /// Largest answer read (the lookup answers a few hundred bytes).
 const MAX_ANSWER: usize = 64 * 1024;
 
@@ -63,6 +66,8 @@ pub struct Lookup {
     path: String,
     key: String,
     cache: Mutex<BoundedMap<String, (Instant, Option<Dxcc>)>>,
+    /// Until when lookups are skipped after a failure.
+    down_until: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -74,18 +79,14 @@ impl Lookup {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                (h.trim_matches(['[', ']']), p.parse().ok()?)
-            }
-            _ => (authority, 80),
-        };
+        let (host, port) = split_authority(authority)?;
         Some(Lookup {
             host: host.to_string(),
             port,
             path: path.to_string(),
             key: key.to_string(),
             cache: Mutex::new(BoundedMap::new(CACHE_SIZE)),
+            down_until: Mutex::new(None),
             metrics,
         })
     }
@@ -105,18 +106,20 @@ impl Lookup {
                 return answer.clone();
             }
         }
+        if lock(&self.down_until).is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
         self.metrics.dx.lookup_misses.inc();
+        let failed = |why: String| {
+            self.metrics.dx.lookup_errors.inc();
+            tracing::debug!(callsign = %call, "lookup failed: {why}");
+            *lock(&self.down_until) = Some(Instant::now() + BACKOFF);
+            None
+        };
         let answer = match tokio::time::timeout(TIMEOUT, self.fetch(&call)).await {
             Ok(Ok(answer)) => answer,
-            Ok(Err(why)) => {
-                self.metrics.dx.lookup_errors.inc();
-                tracing::debug!(callsign = %call, "lookup failed: {why}");
-                None
-            }
-            Err(_) => {
-                self.metrics.dx.lookup_errors.inc();
-                None
-            }
+            Ok(Err(why)) => failed(why),
+            Err(_) => failed("timed out".into()),
         };
         lock(&self.cache).insert(call, (Instant::now(), answer.clone()));
         answer
@@ -133,8 +136,15 @@ impl Lookup {
             let _ = conn.await;
         });
         let body = serde_json::json!({ "key": self.key, "callsign": call }).to_string();
+        let host = if self.port == 80 {
+            self.host.clone()
+        } else if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
         let req = http::Request::post(&self.path)
-            .header(http::header::HOST, &self.host)
+            .header(http::header::HOST, host)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json")
             .body(Full::new(Bytes::from(body)))
@@ -150,6 +160,23 @@ impl Lookup {
             .to_bytes();
         let answer: Answer = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         Ok(dxcc_of(answer))
+    }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn split_authority(authority: &str) -> Option<(&str, u16)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => 80,
+            None => return None,
+        };
+        return Some((host, port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Some((host, port.parse().ok()?)),
+        None => Some((authority, 80)),
     }
 }
 
@@ -215,6 +242,18 @@ fn title_case(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookup_urls_with_ports_and_ipv6() {
+        assert_eq!(
+            split_authority("log.example.org"),
+            Some(("log.example.org", 80))
+        );
+        assert_eq!(split_authority("127.0.0.1:8080"), Some(("127.0.0.1", 8080)));
+        assert_eq!(split_authority("[::1]"), Some(("::1", 80)));
+        assert_eq!(split_authority("[::1]:81"), Some(("::1", 81)));
+        assert_eq!(split_authority("[::1]x"), None);
+    }
 
     #[test]
     fn wavelogs_answer_becomes_the_bandmaps_object() {

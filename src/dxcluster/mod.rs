@@ -168,6 +168,7 @@ impl Relay {
         let mut lease = self.lease.clone();
         let mut lines = LineReader::default();
         let mut logged_in = false;
+        let mut password_sent = false;
         let mut buf = [0u8; 4096];
         let prompt_deadline = tokio::time::Instant::now() + PROMPT_WAIT;
         loop {
@@ -198,22 +199,22 @@ impl Relay {
                 Ok(Ok(n)) => n,
             };
             lines.feed(&buf[..n]);
-            if !logged_in {
-                match lines.prompt() {
-                    Some(Prompt::Login) => {
-                        if let Err(e) = self.send_login(&mut conn).await {
-                            return Ended::Io(e);
-                        }
-                        logged_in = true;
+            match lines.prompt() {
+                Some(Prompt::Login) if !logged_in => {
+                    if let Err(e) = self.send_login(&mut conn).await {
+                        return Ended::Io(e);
                     }
-                    Some(Prompt::Password) => {
-                        let pass = format!("{}\r\n", self.cfg.password.expose_str());
-                        if let Err(e) = conn.write_all(pass.as_bytes()).await {
-                            return Ended::Io(e.to_string());
-                        }
-                    }
-                    None => {}
+                    logged_in = true;
                 }
+                // The password is asked for after the callsign.
+                Some(Prompt::Password) if !password_sent => {
+                    password_sent = true;
+                    let pass = format!("{}\r\n", self.cfg.password.expose_str());
+                    if let Err(e) = conn.write_all(pass.as_bytes()).await {
+                        return Ended::Io(e.to_string());
+                    }
+                }
+                _ => {}
             }
             while let Some(line) = lines.next_line() {
                 self.on_line(line).await;

@@ -17,6 +17,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+/// How long after its deadline an armed timer still counts as the same wait.
+const STALE_GRACE: Duration = Duration::from_secs(1);
+
 pub struct Conn {
     prefix: Bytes,
     io: TcpStream,
@@ -69,11 +72,16 @@ impl Conn {
             self.armed = false;
             return r;
         }
-        let deadline = Instant::now() + self.stall;
+        let now = Instant::now();
+        let deadline = now + self.stall;
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.armed {
+        // A wait that was given up (its write future dropped, e.g. a pong inside a cancelled
+        // read) left the timer armed; a wait really going on is polled when its timer fires,
+        // so a deadline long past means a new wait.
+        let stale = self.armed && now > timer.deadline() + STALE_GRACE;
+        if !self.armed || stale {
             timer.as_mut().reset(deadline);
             self.armed = true;
         }

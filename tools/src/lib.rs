@@ -165,6 +165,29 @@ pub fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
+/// User and kernel CPU time of a process (all threads), ns, from `/proc/<pid>/stat` (`utime`,
+/// `stime`; clock ticks, usually 10 ms each: enough over a phase of a second or more).
+pub fn user_kernel_ns(pid: u32) -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return (0, 0);
+    };
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return (0, 0);
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ns = |ticks: u64| ticks * 1_000_000_000 / hz;
+    (ns(tick(11)), ns(tick(12)))
+}
+
 /// Open file descriptors of a process.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -26,8 +26,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use wavelog_tools::{
-    cpu_ns, free_port, raise_fd_limit, rss_kib, ws_client_frame, ws_upgrade_request, ChunkedSse,
-    WsFrames, WS_SAMPLE_ACCEPT,
+    cpu_ns, free_port, raise_fd_limit, rss_kib, user_kernel_ns, ws_client_frame,
+    ws_upgrade_request, ChunkedSse, WsFrames, WS_SAMPLE_ACCEPT,
 };
 use wavelog_worker::token::{self, Claims};
 
@@ -181,16 +181,22 @@ fn main() {
     }
 }
 
-/// CPU time (all threads, ns) and RSS (KiB) of a process, from /proc.
+/// CPU time (all threads, ns; and split into user and kernel time) and RSS (KiB) of a
+/// process, from /proc.
 #[derive(Clone, Copy, Debug, Default)]
 struct Usage {
     cpu_ns: u64,
+    user_ns: u64,
+    kernel_ns: u64,
     rss_kib: u64,
 }
 
 fn usage(pid: u32) -> Usage {
+    let (user_ns, kernel_ns) = user_kernel_ns(pid);
     Usage {
         cpu_ns: cpu_ns(pid),
+        user_ns,
+        kernel_ns,
         rss_kib: rss_kib(pid),
     }
 }
@@ -200,8 +206,16 @@ fn usages(pids: &[u32]) -> Usage {
         .map(|p| usage(*p))
         .fold(Usage::default(), |a, b| Usage {
             cpu_ns: a.cpu_ns + b.cpu_ns,
+            user_ns: a.user_ns + b.user_ns,
+            kernel_ns: a.kernel_ns + b.kernel_ns,
             rss_kib: a.rss_kib + b.rss_kib,
         })
+}
+
+/// Microseconds per item of the user and kernel CPU spent between `a` and `b`.
+fn split_us(a: &Usage, b: &Usage, items: u64) -> (f64, f64) {
+    let per = |x: u64, y: u64| y.saturating_sub(x) as f64 / 1e3 / items.max(1) as f64;
+    (per(a.user_ns, b.user_ns), per(a.kernel_ns, b.kernel_ns))
 }
 
 /// A worker process started for the run; killed on drop.
@@ -470,8 +484,11 @@ async fn run(args: RunArgs) -> Result<Value, String> {
     let resyncs = RESYNCS.load(Ordering::Acquire);
 
     let conn_cpu_us = (after_connect.cpu_ns.saturating_sub(before_connect.cpu_ns)) as f64 / 1e3;
+    let (conn_user_us, conn_kernel_us) =
+        split_us(&before_connect, &after_connect, connected as u64);
     let idle_cpu_ns = after_idle.cpu_ns.saturating_sub(after_connect.cpu_ns) as f64;
     let publish_cpu_us = (after_publish.cpu_ns.saturating_sub(after_idle.cpu_ns)) as f64 / 1e3;
+    let (publish_user_us, publish_kernel_us) = split_us(&after_idle, &after_publish, received);
     // Helper processes started with the connect phase: all their CPU counts.
     let tool_cpu_s =
         (tool_after.cpu_ns.saturating_sub(tool_before.cpu_ns) + helpers_cpu_ns) as f64 / 1e9;
@@ -511,6 +528,8 @@ async fn run(args: RunArgs) -> Result<Value, String> {
             "seconds": connect_secs,
             "per_second": connected as f64 / connect_secs.max(1e-9),
             "server_cpu_us_per_connection": conn_cpu_us / connected.max(1) as f64,
+            "server_user_us_per_connection": conn_user_us,
+            "server_kernel_us_per_connection": conn_kernel_us,
             "rss_kib_before": before_connect.rss_kib,
             "rss_kib_after": after_connect.rss_kib,
             "rss_kib_per_connection": (after_connect.rss_kib.saturating_sub(before_connect.rss_kib)) as f64 / connected.max(1) as f64,
@@ -523,6 +542,8 @@ async fn run(args: RunArgs) -> Result<Value, String> {
             "sent": sent,
             "seconds": publish_secs,
             "server_cpu_us_per_delivery": publish_cpu_us / received.max(1) as f64,
+            "server_user_us_per_delivery": publish_user_us,
+            "server_kernel_us_per_delivery": publish_kernel_us,
             "deliveries_per_second": received as f64 / publish_secs.max(1e-9),
         },
         "delivery": {
