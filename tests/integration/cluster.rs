@@ -312,16 +312,7 @@ async fn a_redis_outage_loses_no_local_event_and_ends_in_resync() {
         }
         assert_eq!(v["type"], "resync", "only resyncs before live events: {v}");
     }
-    let bearer = format!("Bearer {}", a.secret);
-    let m = http(
-        a.internal,
-        "GET",
-        "/metrics",
-        &[("Authorization", &bearer)],
-        b"",
-    )
-    .await
-    .body;
+    let m = metrics(&a).await;
     assert!(m.contains("wavelog_worker_redis_connected 1"));
     assert!(
         m.contains("wavelog_worker_cluster_publish_failures_total 20"),

@@ -548,20 +548,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The worker's `/metrics` text.
+pub async fn metrics(t: &TestWorker) -> String {
+    let bearer = format!("Bearer {}", t.secret);
+    http(
+        t.internal,
+        "GET",
+        "/metrics",
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .await
+    .body
+}
+
 /// Waits until one line of the worker's `/metrics` is `sample` (e.g. `name{label="x"} 1`).
 pub async fn eventually_metric(t: &TestWorker, sample: &str) {
-    let bearer = format!("Bearer {}", t.secret);
     eventually(sample, || async {
-        let m = http(
-            t.internal,
-            "GET",
-            "/metrics",
-            &[("Authorization", &bearer)],
-            b"",
-        )
-        .await
-        .body;
-        m.lines().any(|l| l == sample)
+        metrics(t).await.lines().any(|l| l == sample)
     })
     .await;
 }

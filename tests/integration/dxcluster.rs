@@ -329,16 +329,7 @@ async fn spots_from_the_cluster_reach_subscribers_once_enriched_and_in_order() {
         (Some("phone"), Some("USB"))
     );
 
-    let bearer = format!("Bearer {}", t.secret);
-    let m = http(
-        t.internal,
-        "GET",
-        "/metrics",
-        &[("Authorization", &bearer)],
-        b"",
-    )
-    .await
-    .body;
+    let m = metrics(&t).await;
     for line in [
         "wavelog_worker_dx_upstream_connected 1",
         "wavelog_worker_dx_spots_published_total 5",
