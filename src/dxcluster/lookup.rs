@@ -194,7 +194,7 @@ fn dxcc_of(a: Answer) -> Option<Dxcc> {
     }
     let text = |v: &Value| {
         v.as_str()
-            .map(|s| crate::dxcluster::parse::clean(s))
+            .map(crate::dxcluster::parse::clean)
             .unwrap_or_default()
     };
     let or_null = |v: Value| match v {

@@ -33,7 +33,7 @@ pub fn parse_line(line: &[u8]) -> Option<RawSpot> {
     let spotter = callsign(spotter.trim())?;
     let mut words = rest.split_whitespace();
     let frequency: f64 = words.next()?.parse().ok()?;
-    if !(frequency.is_finite() && frequency >= 1.0 && frequency < 1e9) {
+    if !(frequency.is_finite() && (1.0..1e9).contains(&frequency)) {
         return None;
     }
     let spotted = callsign(words.next()?)?;

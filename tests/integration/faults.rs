@@ -460,7 +460,7 @@ async fn fault_run(secs: u64) -> Figures {
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 tick.tick().await;
                 let t = i % 3;
-                let node = if i % 2 == 0 { &a } else { &b };
+                let node = if i.is_multiple_of(2) { &a } else { &b };
                 counters[t] += 1;
                 let payload = json!({"n": counters[t]}).to_string();
                 let mut status = publish(node, TOPICS[t], &payload).await;
