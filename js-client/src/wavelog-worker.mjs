@@ -810,7 +810,8 @@ class Connection {
     const T = this.topics.get(f.topic);
     c.subs.delete(f.topic);
     if (!T || !this.isLive(T)) return;
-    if (code === "not_found") this.notFound(T);
+    // Not registered yet, or this address is throttled for now: both pass, so retry with backoff.
+    if (code === "not_found" || code === "rate_limited") this.notFound(T);
     else if (code === "unauthorized" || code === "auth_required") this.wsTopicRefused(c, T);
     else if (code === "already_subscribed") {
       c.subs.set(f.topic, "acked");
