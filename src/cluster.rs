@@ -59,6 +59,10 @@ const LOG_KEY: &str = "wavelog:log";
 /// Envelopes the log keeps (about; Redis trims whole blocks): a node whose link was down for
 /// fewer publishes than this catches up without any resync.
 const LOG_LEN: u64 = 10_000;
+/// Recent announcements of topics that had events published while their node was cut off
+/// (stream entries `origin`, `topics`, `until`), for nodes that were away when they went out.
+const ANNOUNCE_KEY: &str = "wavelog:announce";
+const ANNOUNCE_LEN: u64 = 1_000;
 /// Window over which owed resyncs go out, so browsers don't all reload at once.
 const RESYNC_SPREAD: Duration = Duration::from_secs(1);
 /// How long a topic count from SCAN is reused (metrics, status).
@@ -151,10 +155,20 @@ pub struct Cluster {
     applied: Mutex<u64>,
     /// The cluster's sequence when our link was lost (what existed that we may not have).
     seq_at_loss: Mutex<Option<u64>>,
+    /// When our link was lost (unix ms; the start for a node not yet connected): the
+    /// announcements made since then are read on reconnect.
+    lost_at_ms: AtomicU64,
     /// The highest cluster number applied, for publishes waiting for their echo.
     echoed: tokio::sync::watch::Sender<u64>,
     /// Registered topic names from the last SCAN, reused for `TOPIC_NAMES_TTL`.
     names: Mutex<Option<(Instant, Vec<String>)>>,
+}
+
+/// A fresh link to Redis.
+struct Link {
+    conn: MultiplexedConnection,
+    pubsub: redis::aio::PubSub,
+    seq_before: u64,
 }
 
 /// What became of one of our own publishes.
@@ -233,6 +247,7 @@ impl Cluster {
             next_nonce: AtomicU64::new(1),
             applied: Mutex::new(0),
             seq_at_loss: Mutex::new(None),
+            lost_at_ms: AtomicU64::new(crate::time::unix_ms()),
             echoed: tokio::sync::watch::Sender::new(0),
             names: Mutex::new(None),
         }))
@@ -276,7 +291,11 @@ impl Cluster {
                 attempt = self.connect() => attempt,
             };
             match attempt {
-                Ok((conn, pubsub)) => {
+                Ok(Link {
+                    conn,
+                    pubsub,
+                    seq_before,
+                }) => {
                     backoff = BACKOFF_MIN;
                     said_unavailable = false;
                     // Until this reconnect has caught up and announced what we published while
@@ -285,7 +304,7 @@ impl Cluster {
                     *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn);
                     self.up.store(true, Ordering::Release);
                     tracing::info!(node = %self.node_id, "redis connected: cluster mode active");
-                    self.catch_up(!ever_connected).await;
+                    self.catch_up(!ever_connected, seq_before).await;
                     ever_connected = true;
                     self.hub.set_isolated(false);
                     self.write_pending_registrations().await;
@@ -296,6 +315,8 @@ impl Cluster {
                         .command::<Option<u64>>(redis::cmd("GET").arg(SEQ_KEY))
                         .await;
                     *lock(&self.seq_at_loss) = seq_now.flatten();
+                    self.lost_at_ms
+                        .store(crate::time::unix_ms(), Ordering::Release);
                     self.up.store(false, Ordering::Release);
                     if stopped {
                         return;
@@ -320,13 +341,20 @@ impl Cluster {
         }
     }
 
-    async fn connect(&self) -> Result<(MultiplexedConnection, redis::aio::PubSub), String> {
+    /// Both connections, and the cluster sequence read just before subscribing (every event
+    /// after it reaches us: on the subscription, or from the log).
+    async fn connect(&self) -> Result<Link, String> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(COMMAND_TIMEOUT));
-        let conn = self
+        let mut conn = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let seq_before: Option<u64> = redis::cmd("GET")
+            .arg(SEQ_KEY)
+            .query_async(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
         let connect_pubsub = async {
@@ -339,7 +367,11 @@ impl Cluster {
             .await
             .map_err(|_| "timed out subscribing".to_string())?
             .map_err(|e| e.to_string())?;
-        Ok((conn, pubsub))
+        Ok(Link {
+            conn,
+            pubsub,
+            seq_before: seq_before.unwrap_or(0),
+        })
     }
 
     /// Delivers what arrives on the channels until the link breaks (false) or shutdown (true).
@@ -517,7 +549,7 @@ impl Cluster {
     /// missed from the log. If Redis lost its data meanwhile (a new epoch), only what was
     /// published before the loss and never reached us is unknowable: then every subscriber
     /// resyncs; otherwise nobody does.
-    async fn catch_up(&self, first: bool) {
+    async fn catch_up(&self, first: bool, seq_before: u64) {
         let candidate = random_hex(4);
         let _: Option<()> = self
             .command(redis::cmd("SET").arg(EPOCH_KEY).arg(&candidate).arg("NX"))
@@ -536,11 +568,16 @@ impl Cluster {
         };
         let seq = seq.unwrap_or(0);
         if first {
+            // Numbering starts where it stood before we subscribed; what came between is
+            // applied from the log (a node may have subscribers from before its first link).
+            let start = seq_before.min(seq);
             if *self.hub.epoch() != *epoch {
                 self.hub
-                    .switch_epoch(&epoch, seq.saturating_mul(CLUSTER_SCALE));
+                    .switch_epoch(&epoch, start.saturating_mul(CLUSTER_SCALE));
             }
-            self.reset_applied(seq);
+            self.reset_applied(start);
+            self.fill(start + 1, seq).await;
+            self.read_announcements().await;
             return;
         }
         if *self.hub.epoch() != *epoch {
@@ -556,6 +593,42 @@ impl Cluster {
         }
         let applied = *lock(&self.applied);
         self.fill(applied + 1, seq).await;
+        self.read_announcements().await;
+    }
+
+    /// Announcements other nodes made while our link was down (their live copies on the
+    /// control channel never reached us): each owes our subscribers of those topics a resync,
+    /// as when it comes live.
+    async fn read_announcements(&self) {
+        let since = self
+            .lost_at_ms
+            .load(Ordering::Acquire)
+            .saturating_sub(2_000);
+        let cmd = redis::cmd("XRANGE")
+            .arg(ANNOUNCE_KEY)
+            .arg(since)
+            .arg("+")
+            .clone();
+        let entries: Vec<(String, Vec<String>)> = self.command(&cmd).await.unwrap_or_default();
+        for (_, fields) in entries {
+            let field = |name: &str| {
+                fields
+                    .chunks(2)
+                    .find(|kv| kv.first().map(String::as_str) == Some(name))
+                    .and_then(|kv| kv.get(1))
+            };
+            if field("origin").map(String::as_str) == Some(self.node_id.as_str()) {
+                continue;
+            }
+            let topics: Vec<String> = field("topics")
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or_default();
+            let until = field("until")
+                .and_then(|u| u.parse().ok())
+                .unwrap_or(u64::MAX);
+            self.hub
+                .schedule_resync_since(&topics, until, RESYNC_SPREAD);
+        }
     }
 
     /// Publishes through Redis (cluster-wide id, delivered here when its echo comes). With
@@ -622,7 +695,9 @@ impl Cluster {
         self.metrics
             .cluster_publish_failures
             .fetch_add(1, Ordering::Relaxed);
-        self.hub.accept(topic, payload, Some(seq), coalesce)
+        // Delivered ahead of events before it that may still be on their way to us: its id is
+        // no resume point (a client moving on from it must not skip those).
+        self.hub.accept_unresumable(topic, payload, seq, coalesce)
     }
 
     async fn publish_remote(
@@ -692,7 +767,25 @@ impl Cluster {
         // Our subscribers saw those events, but an id from another node up to now does not
         // tell whether its client did: resuming from one here gives `resync` too.
         self.hub.forbid_resume_up_to_now(&topics);
-        if !self.send_control("resync", &topics, Some(until)).await {
+        // Kept in a stream too: a node whose link is down now reads it when it is back.
+        let topics_json = serde_json::to_string(&topics).unwrap_or_default();
+        let logged: Option<String> = self
+            .command(
+                redis::cmd("XADD")
+                    .arg(ANNOUNCE_KEY)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(ANNOUNCE_LEN)
+                    .arg("*")
+                    .arg("origin")
+                    .arg(&self.node_id)
+                    .arg("topics")
+                    .arg(&topics_json)
+                    .arg("until")
+                    .arg(until),
+            )
+            .await;
+        if logged.is_none() || !self.send_control("resync", &topics, Some(until)).await {
             // Not announced: kept for the next reconnect.
             let mut pending = lock(&self.missed);
             for (topic, at) in missed {

@@ -385,6 +385,18 @@ impl Hub {
         self.accept_as(topic, payload, None, coalesce, IdKind::Isolated)
     }
 
+    /// Like `accept` with the cluster's seq, but with an id no node resumes from (the event
+    /// is delivered here before events before it that may still come).
+    pub fn accept_unresumable(
+        self: &Arc<Self>,
+        topic: &str,
+        payload: &str,
+        seq: u64,
+        coalesce: Option<Duration>,
+    ) -> Published {
+        self.accept_as(topic, payload, Some(seq), coalesce, IdKind::Isolated)
+    }
+
     fn accept_as(
         self: &Arc<Self>,
         topic: &str,
