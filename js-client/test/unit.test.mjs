@@ -244,39 +244,27 @@ describe("WebSocket transport", () => {
     assert.equal(f.sockets.length, 1);
   });
 
-  test("a topic not registered yet (subscribe error not_found) is retried with backoff", async () => {
-    const f = setup({ random: () => 0 });
-    sub(f.client, { topic: "a", token: "ta" });
-    const b = sub(f.client, { topic: "b", token: "tb" });
-    await f.clock.advance(0);
-    const ws = await authOk(f, "a", "e-1");
-    ws._frame({ type: "error", code: "not_found", topic: "b", message: "topic not registered" });
-    await flush();
-    assert.equal(b.handle.state, "connecting");
-    const before = ws.sent.filter((m) => m.type === "subscribe").length;
-    await f.clock.advance(500);
-    assert.equal(ws.sent.filter((m) => m.type === "subscribe").length, before + 1);
-    ws._frame({ type: "subscribed", topic: "b", last_event_id: "e-1" });
-    await flush();
-    assert.equal(b.handle.state, "open");
-  });
-
-  test("a throttled subscribe (rate_limited) is retried with backoff, not given up", async () => {
-    const f = setup({ random: () => 0 });
-    sub(f.client, { topic: "a", token: "ta" });
-    const b = sub(f.client, { topic: "b", token: "tb" });
-    await f.clock.advance(0);
-    const ws = await authOk(f, "a", "e-1");
-    ws._frame({ type: "error", code: "rate_limited", topic: "b", message: "too many failed attempts" });
-    await flush();
-    assert.notEqual(b.handle.state, "refused");
-    const before = ws.sent.filter((m) => m.type === "subscribe").length;
-    await f.clock.advance(500);
-    assert.equal(ws.sent.filter((m) => m.type === "subscribe").length, before + 1);
-    ws._frame({ type: "subscribed", topic: "b", last_event_id: "e-1" });
-    await flush();
-    assert.equal(b.handle.state, "open");
-  });
+  for (const [code, what] of [
+    ["not_found", "a topic not registered yet"],
+    ["rate_limited", "a throttled subscribe"],
+  ]) {
+    test(`${what} (subscribe error ${code}) is retried with backoff, not given up`, async () => {
+      const f = setup({ random: () => 0 });
+      sub(f.client, { topic: "a", token: "ta" });
+      const b = sub(f.client, { topic: "b", token: "tb" });
+      await f.clock.advance(0);
+      const ws = await authOk(f, "a", "e-1");
+      ws._frame({ type: "error", code, topic: "b", message: what });
+      await flush();
+      assert.equal(b.handle.state, "connecting");
+      const before = ws.sent.filter((m) => m.type === "subscribe").length;
+      await f.clock.advance(500);
+      assert.equal(ws.sent.filter((m) => m.type === "subscribe").length, before + 1);
+      ws._frame({ type: "subscribed", topic: "b", last_event_id: "e-1" });
+      await flush();
+      assert.equal(b.handle.state, "open");
+    });
+  }
 
   test("refused: getToken once for a fresh token, refused again -> 'refused', no more attempts", async () => {
     const f = setup();
