@@ -408,7 +408,7 @@ impl Cluster {
             // Redis lost its data while our link stayed up (or we raced a reconnect).
             tracing::info!(epoch, "cluster epoch changed: subscribers resync");
             self.hub.switch_epoch(epoch, 0);
-            self.hub.schedule_resync(None, RESYNC_SPREAD);
+            self.hub.schedule_resync(None, 0, RESYNC_SPREAD);
             self.reset_applied(0);
         }
         let applied = *lock(&self.applied);
@@ -512,7 +512,7 @@ impl Cluster {
             );
             // Those numbers exist: no id up to them may be resumed from here.
             self.hub.advance_past(to.saturating_mul(CLUSTER_SCALE));
-            self.hub.schedule_resync(None, RESYNC_SPREAD);
+            self.hub.schedule_resync(None, 0, RESYNC_SPREAD);
             self.mark_applied(to);
         }
     }
@@ -538,7 +538,7 @@ impl Cluster {
                 // those topics resync, unless they were told to after the last of them.
                 let until = control.until.unwrap_or(u64::MAX);
                 self.hub
-                    .schedule_resync_since(&control.topics, until, RESYNC_SPREAD);
+                    .schedule_resync(Some(&control.topics), until, RESYNC_SPREAD);
             }
             _ => {}
         }
@@ -587,7 +587,7 @@ impl Cluster {
             self.hub.switch_epoch(&epoch, 0);
             self.reset_applied(0);
             if at_loss > applied {
-                self.hub.schedule_resync(None, RESYNC_SPREAD);
+                self.hub.schedule_resync(None, 0, RESYNC_SPREAD);
             }
             self.restore_registrations().await;
         }
@@ -627,7 +627,7 @@ impl Cluster {
                 .and_then(|u| u.parse().ok())
                 .unwrap_or(u64::MAX);
             self.hub
-                .schedule_resync_since(&topics, until, RESYNC_SPREAD);
+                .schedule_resync(Some(&topics), until, RESYNC_SPREAD);
         }
     }
 
@@ -657,7 +657,7 @@ impl Cluster {
                     .cluster_publish_failures
                     .fetch_add(1, Ordering::Relaxed);
                 lock(&self.missed).insert(topic.to_string(), crate::time::unix_ms());
-                let published = self.hub.publish_isolated(topic, payload, coalesce);
+                let published = self.hub.accept_unresumable(topic, payload, None, coalesce);
                 if self.open.load(Ordering::Acquire) && self.is_up() {
                     // The link came back while we published: the reconnect's announcement may
                     // have missed this topic.
@@ -697,7 +697,8 @@ impl Cluster {
             .fetch_add(1, Ordering::Relaxed);
         // Delivered ahead of events before it that may still be on their way to us: its id is
         // no resume point (a client moving on from it must not skip those).
-        self.hub.accept_unresumable(topic, payload, seq, coalesce)
+        self.hub
+            .accept_unresumable(topic, payload, Some(seq), coalesce)
     }
 
     async fn publish_remote(

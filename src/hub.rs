@@ -127,6 +127,13 @@ struct TopicState {
     resynced_ms: u64,
 }
 
+impl TopicState {
+    /// No id up to `seq` (nor this topic's last event) is a resume point any more.
+    fn forbid_resume_through(&mut self, seq: u64) {
+        self.floor = self.floor.max(self.last_seq.max(seq) + 1);
+    }
+}
+
 struct Topic {
     name: Arc<str>,
     topic_json: String,
@@ -227,7 +234,7 @@ impl Hub {
     pub fn switch_epoch(&self, epoch: &str, seq: u64) {
         *self.epoch.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(epoch);
         self.next_seq.store(seq + 1, Ordering::Release);
-        for topic in self.all_topics() {
+        for topic in self.topics_named(None) {
             let mut state = lock(&topic.state);
             while !state.history.is_empty() {
                 self.forget_oldest(&mut state);
@@ -257,52 +264,41 @@ impl Hub {
         self.isolated.store(isolated, Ordering::Release);
     }
 
-    fn all_topics(&self) -> Vec<Arc<Topic>> {
-        lock(&self.topics).values().cloned().collect()
+    /// The topics of `names` that exist here; every topic for `None`.
+    fn topics_named(&self, names: Option<&[String]>) -> Vec<Arc<Topic>> {
+        let map = lock(&self.topics);
+        match names {
+            None => map.values().cloned().collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| map.get(n.as_str()).cloned())
+                .collect(),
+        }
     }
 
-    /// Owes a `resync` to the subscribers of `names` (all topics with subscribers when `None`)
-    /// at once for resumes, and on the wire spread over `window`, so a thousand browsers don't
-    /// reload from the backend in the same instant. A topic whose next event comes first gets
-    /// its `resync` just before that event, so nothing is ever delivered across the gap
-    /// unannounced.
-    pub fn schedule_resync(self: &Arc<Self>, names: Option<&[String]>, window: Duration) {
-        self.schedule_resync_unless_since(names.unwrap_or(&[]), 0, window, names.is_none());
-    }
-
-    /// `schedule_resync` for `names`, skipping topics already owed one after `since` (unix
-    /// ms): their subscribers reload after that moment anyway.
-    pub fn schedule_resync_since(self: &Arc<Self>, names: &[String], since: u64, window: Duration) {
-        self.schedule_resync_unless_since(names, since, window, false);
-    }
-
-    fn schedule_resync_unless_since(
+    /// Owes a `resync` to the subscribers of `names` (every topic for `None`): at once for
+    /// resumes, and on the wire spread over `window`, so a thousand browsers don't reload from
+    /// the backend in the same instant. A topic whose next event comes first gets its `resync`
+    /// just before that event, so nothing is ever delivered across the gap unannounced. Topics
+    /// already owed one after `unless_since` (unix ms; 0 = never skip) are skipped: their
+    /// subscribers reload after that moment anyway.
+    pub fn schedule_resync(
         self: &Arc<Self>,
-        names: &[String],
-        since: u64,
+        names: Option<&[String]>,
+        unless_since: u64,
         window: Duration,
-        all: bool,
     ) {
         let now_ms = crate::time::unix_ms();
-        let topics: Vec<Arc<Topic>> = match all {
-            true => self.all_topics(),
-            false => {
-                let map = lock(&self.topics);
-                names
-                    .iter()
-                    .filter_map(|n| map.get(n.as_str()).cloned())
-                    .collect()
-            }
-        };
+        let now = self.current_seq();
         let mut owed = Vec::new();
-        for topic in topics {
+        for topic in self.topics_named(names) {
             let mut state = lock(&topic.state);
-            if since > 0 && state.resynced_ms > since {
+            if unless_since > 0 && state.resynced_ms > unless_since {
                 continue;
             }
             state.resynced_ms = now_ms;
             // Ids up to now may have missed something: resuming from them gives `resync`.
-            state.floor = state.floor.max(state.last_seq.max(self.current_seq()) + 1);
+            state.forbid_resume_through(now);
             if state.sender.is_some() && !state.resync_pending {
                 state.resync_pending = true;
                 owed.push(topic.clone());
@@ -327,10 +323,8 @@ impl Hub {
     /// Makes every id up to now unresumable on `names` (live subscribers are not disturbed).
     pub fn forbid_resume_up_to_now(&self, names: &[String]) {
         let now = self.current_seq();
-        let map = lock(&self.topics);
-        for topic in names.iter().filter_map(|n| map.get(n.as_str())) {
-            let mut state = lock(&topic.state);
-            state.floor = state.floor.max(state.last_seq.max(now) + 1);
+        for topic in self.topics_named(Some(names)) {
+            lock(&topic.state).forbid_resume_through(now);
         }
     }
 
@@ -374,27 +368,17 @@ impl Hub {
         self.accept_as(topic, payload, seq, coalesce, IdKind::Resumable)
     }
 
-    /// Publishes an event whose id must not be resumed from anywhere (cluster mode, cut off
-    /// from Redis: other nodes never see it, and may publish events this node never sees).
-    pub fn publish_isolated(
-        self: &Arc<Self>,
-        topic: &str,
-        payload: &str,
-        coalesce: Option<Duration>,
-    ) -> Published {
-        self.accept_as(topic, payload, None, coalesce, IdKind::Isolated)
-    }
-
-    /// Like `accept` with the cluster's seq, but with an id no node resumes from (the event
-    /// is delivered here before events before it that may still come).
+    /// Like `accept`, with an id no node resumes from: published while cut off from Redis
+    /// (`seq` `None`: other nodes never see it, and may publish events this node never sees),
+    /// or delivered here ahead of events before it that may still come (`seq` given).
     pub fn accept_unresumable(
         self: &Arc<Self>,
         topic: &str,
         payload: &str,
-        seq: u64,
+        seq: Option<u64>,
         coalesce: Option<Duration>,
     ) -> Published {
-        self.accept_as(topic, payload, Some(seq), coalesce, IdKind::Isolated)
+        self.accept_as(topic, payload, seq, coalesce, IdKind::Isolated)
     }
 
     fn accept_as(
@@ -507,7 +491,8 @@ impl Hub {
         let seq = seq.unwrap_or_else(|| self.local_seq(kind));
         let id = self.format_kind(seq, kind);
         if seq <= state.last_seq {
-            state.floor = state.floor.max(state.last_seq + 1);
+            let last = state.last_seq;
+            state.forbid_resume_through(last);
             state.resync_pending = true;
             self.pay_resync(state, "order");
             return Published {
@@ -680,7 +665,7 @@ impl Hub {
     pub fn sweep(&self) {
         let now = Instant::now();
         let mut dead = Vec::new();
-        for topic in self.all_topics() {
+        for topic in self.topics_named(None) {
             let mut state = lock(&topic.state);
             self.trim(&mut state, now);
             let idle_long = state

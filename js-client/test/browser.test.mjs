@@ -11,31 +11,14 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
-import { WORKER_BIN, freePort, makeToken, sleep, startWorker, waitFor, workerAvailable } from "./helpers/worker.mjs";
-import { nginxBinary, startNginx } from "./helpers/nginx.mjs";
+import { freePort, makeToken, sleep, startWorker, waitFor } from "./helpers/worker.mjs";
+import { startNginx } from "./helpers/nginx.mjs";
+import { CHROMIUM, browserPrerequisites } from "./helpers/browser.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, "..");
 const ARTIFACTS = join(root, "test-artifacts");
-const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
-
-const missing = [];
-if (!existsSync(CHROMIUM)) missing.push(`chromium (${CHROMIUM}; Debian package "chromium")`);
-if (!nginxBinary()) missing.push('nginx (Debian package "nginx")');
-if (!workerAvailable()) missing.push(`the worker binary (${WORKER_BIN}; set WAVELOG_WORKER_BIN)`);
-let playwright = null;
-try {
-  playwright = await import("playwright-core");
-} catch {
-  missing.push("playwright-core (npm ci)");
-}
-let skip = false;
-if (missing.length) {
-  const why = `browser tests need ${missing.join(", ")}`;
-  if (process.env.CI) throw new Error(`CI: ${why}: install it, these tests must run in CI`);
-  console.log(`# SKIP browser tests: ${why} is missing`);
-  skip = why + " (missing)";
-}
+const { playwright, skip } = await browserPrerequisites("browser tests");
 
 const tokens = new Set();
 function token(topic) {

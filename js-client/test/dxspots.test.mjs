@@ -14,31 +14,14 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
-import { WORKER_BIN, freePort, makeToken, startWorker, waitFor, workerAvailable } from "./helpers/worker.mjs";
-import { nginxBinary, startNginx } from "./helpers/nginx.mjs";
+import { freePort, makeToken, startWorker, waitFor } from "./helpers/worker.mjs";
+import { startNginx } from "./helpers/nginx.mjs";
+import { CHROMIUM, browserPrerequisites } from "./helpers/browser.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, "..");
 const ARTIFACTS = join(root, "test-artifacts");
-const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
-
-const missing = [];
-if (!existsSync(CHROMIUM)) missing.push(`chromium (${CHROMIUM})`);
-if (!nginxBinary()) missing.push("nginx");
-if (!workerAvailable()) missing.push(`the worker binary (${WORKER_BIN})`);
-let playwright = null;
-try {
-  playwright = await import("playwright-core");
-} catch {
-  missing.push("playwright-core (npm ci)");
-}
-let skip = false;
-if (missing.length) {
-  const why = `the live bandmap test needs ${missing.join(", ")}`;
-  if (process.env.CI) throw new Error(`CI: ${why}`);
-  console.log(`# SKIP ${why} is missing`);
-  skip = why;
-}
+const { playwright, skip } = await browserPrerequisites("the live bandmap tests");
 
 /** A DX cluster node: a login prompt, then whatever `send` writes. */
 function fakeNode() {

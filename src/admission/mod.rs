@@ -22,7 +22,7 @@ mod limits;
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 
 pub use client::{check_origin, client_ip};
 pub use grant::{Denied, Grant};
@@ -55,8 +55,6 @@ struct Wanted {
 /// A client that holds a slot and whose topics exist, waiting for its tokens to be checked.
 pub struct Pending {
     pub client: IpAddr,
-    /// The `Origin` to echo in CORS headers, when the request had an allowed one.
-    pub origin: Option<HeaderValue>,
     permit: Permit,
     wanted: Vec<Wanted>,
 }
@@ -75,7 +73,6 @@ pub struct Admitted {
 #[derive(Debug)]
 pub struct Granted {
     pub topic: String,
-    pub meta: TopicMeta,
     /// Unix seconds; `None` on open topics.
     pub expires: Option<i64>,
     /// The id to resume after (`None`: start now).
@@ -84,7 +81,7 @@ pub struct Granted {
 
 /// Steps 1 to 3: the request, the throttle, a slot and the topics' lookup.
 pub async fn admit(state: &AppState, req: Request<'_>) -> Result<Pending, ApiError> {
-    let origin = check_origin(&state.config.allowed_origins, req.headers)
+    check_origin(&state.config.allowed_origins, req.headers)
         .inspect_err(|_| state.metrics.auth_failures.inc("origin"))?;
     let asked = match req.transport {
         Transport::WebSocket => ws_topics(req.query)?,
@@ -114,7 +111,6 @@ pub async fn admit(state: &AppState, req: Request<'_>) -> Result<Pending, ApiErr
     }
     Ok(Pending {
         client,
-        origin,
         permit,
         wanted,
     })
@@ -139,7 +135,6 @@ impl Pending {
             }
             grants.push(Granted {
                 topic: w.topic,
-                meta: w.meta,
                 expires: grant.expires,
                 resume: w.resume,
             });
@@ -248,7 +243,6 @@ pub async fn admit_more(
     })?;
     Ok(Granted {
         topic: topic.to_string(),
-        meta,
         expires: grant.expires,
         resume: None,
     })

@@ -292,11 +292,8 @@ fn first(t: &[u8], pat: fn(&[u8], usize) -> Vec<usize>) -> Option<String> {
     })
 }
 
+/// Whether `phrase` stands in `t` as whole words (`\bphrase\b`).
 fn has_phrase(t: &[u8], phrase: &[u8]) -> bool {
-    first_literal(t, phrase)
-}
-
-fn first_literal(t: &[u8], phrase: &[u8]) -> bool {
     (0..t.len())
         .any(|i| boundary(t, i) && t[i..].starts_with(phrase) && boundary(t, i + phrase.len()))
 }
