@@ -16,76 +16,45 @@ use crate::common::*;
 /// A DX cluster node: asks for a login, records it, then sends what the test tells it to.
 pub struct FakeNode {
     pub port: u16,
-    pub logins: Arc<Mutex<Vec<String>>>,
-    /// The most connections ever logged in at once.
-    pub most_open: Arc<AtomicUsize>,
-    writers: Arc<tokio::sync::Mutex<Vec<OwnedWriteHalf>>>,
+    seen: Arc<Seen>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the node's connections share.
+#[derive(Default)]
+struct Seen {
+    logins: Mutex<Vec<String>>,
+    open: AtomicUsize,
+    /// The most connections ever logged in at once.
+    most_open: AtomicUsize,
+    writers: tokio::sync::Mutex<Vec<OwnedWriteHalf>>,
 }
 
 impl FakeNode {
     pub async fn start(port: u16) -> FakeNode {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let logins: Arc<Mutex<Vec<String>>> = Arc::default();
-        let open = Arc::new(AtomicUsize::new(0));
-        let most_open = Arc::new(AtomicUsize::new(0));
-        let writers: Arc<tokio::sync::Mutex<Vec<OwnedWriteHalf>>> = Arc::default();
-        let task = {
-            let (logins, open, most_open, writers) = (
-                logins.clone(),
-                open.clone(),
-                most_open.clone(),
-                writers.clone(),
-            );
-            tokio::spawn(async move {
-                while let Ok((conn, _)) = listener.accept().await {
-                    let (logins, open, most_open, writers) = (
-                        logins.clone(),
-                        open.clone(),
-                        most_open.clone(),
-                        writers.clone(),
-                    );
-                    tokio::spawn(async move {
-                        let (read, mut write) = conn.into_split();
-                        if write
-                            .write_all(b"Welcome to the test node\r\n\r\nlogin: ")
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        let mut read = BufReader::new(read);
-                        let mut call = String::new();
-                        if read.read_line(&mut call).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        logins.lock().unwrap().push(call.trim().to_string());
-                        let now = open.fetch_add(1, Ordering::SeqCst) + 1;
-                        most_open.fetch_max(now, Ordering::SeqCst);
-                        let _ = write
-                            .write_all(b"Hello N0CALL, this is TEST-1\r\nN0CALL de TEST-1 >\r\n")
-                            .await;
-                        writers.lock().await.push(write);
-                        let mut sink = Vec::new();
-                        let _ = read.read_to_end(&mut sink).await;
-                        open.fetch_sub(1, Ordering::SeqCst);
-                    });
-                }
-            })
-        };
-        FakeNode {
-            port,
-            logins,
-            most_open,
-            writers,
-            task,
-        }
+        let seen = Arc::new(Seen::default());
+        let shared = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(serve_login(conn, shared.clone()));
+            }
+        });
+        FakeNode { port, seen, task }
+    }
+
+    pub fn most_open(&self) -> usize {
+        self.seen.most_open.load(Ordering::SeqCst)
+    }
+
+    pub fn first_login(&self) -> String {
+        self.seen.logins.lock().unwrap()[0].clone()
     }
 
     /// Writes `bytes` to every logged-in connection.
     pub async fn send(&self, bytes: &[u8]) {
-        let mut writers = self.writers.lock().await;
+        let mut writers = self.seen.writers.lock().await;
         let mut alive = Vec::new();
         for mut w in writers.drain(..) {
             if w.write_all(bytes).await.is_ok() {
@@ -97,7 +66,7 @@ impl FakeNode {
 
     /// Closes every connection (the listener stays).
     pub async fn disconnect(&self) {
-        for mut w in self.writers.lock().await.drain(..) {
+        for mut w in self.seen.writers.lock().await.drain(..) {
             let _ = w.shutdown().await;
         }
     }
@@ -109,8 +78,35 @@ impl FakeNode {
     }
 
     pub fn login_count(&self) -> usize {
-        self.logins.lock().unwrap().len()
+        self.seen.logins.lock().unwrap().len()
     }
+}
+
+/// One connection: the login prompt, the login recorded, then kept for `FakeNode::send`.
+async fn serve_login(conn: tokio::net::TcpStream, seen: Arc<Seen>) {
+    let (read, mut write) = conn.into_split();
+    if write
+        .write_all(b"Welcome to the test node\r\n\r\nlogin: ")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut read = BufReader::new(read);
+    let mut call = String::new();
+    if read.read_line(&mut call).await.unwrap_or(0) == 0 {
+        return;
+    }
+    seen.logins.lock().unwrap().push(call.trim().to_string());
+    let now = seen.open.fetch_add(1, Ordering::SeqCst) + 1;
+    seen.most_open.fetch_max(now, Ordering::SeqCst);
+    let _ = write
+        .write_all(b"Hello N0CALL, this is TEST-1\r\nN0CALL de TEST-1 >\r\n")
+        .await;
+    seen.writers.lock().await.push(write);
+    let mut sink = Vec::new();
+    let _ = read.read_to_end(&mut sink).await;
+    seen.open.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Wavelog's lookup API for a few callsigns; `FAIL/...` answers 500. Counts requests.
@@ -231,7 +227,7 @@ async fn spots_from_the_cluster_reach_subscribers_once_enriched_and_in_order() {
     let (lookup_port, lookups) = fake_lookup().await;
     let t = start(&dx_config(node.port, lookup_port, "")).await;
     warm_up(&t, &node).await;
-    assert_eq!(node.logins.lock().unwrap()[0], "N0CALL");
+    assert_eq!(node.first_login(), "N0CALL");
     let token = token_for("dxspots", 7, 600);
     let mut sse = SseClient::connect(t.public, &sse_path("dxspots", &token), &[])
         .await
@@ -468,7 +464,7 @@ async fn in_a_cluster_one_node_relays_and_another_takes_over_when_it_dies() {
         1,
         "one upstream login across the cluster"
     );
-    assert_eq!(node_cfg.most_open.load(Ordering::SeqCst), 1);
+    assert_eq!(node_cfg.most_open(), 1);
     // The relaying node dies without a word: B takes over within 15 s.
     let killed = std::time::Instant::now();
     let pid = a.id().unwrap().to_string();
