@@ -185,7 +185,6 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
         1
     };
     let hub = Hub::new(
-        config.subscriber_queue,
         HistoryLimits {
             size: config.history_size,
             ttl: config.history_ttl,

@@ -75,12 +75,18 @@ impl Histogram {
     }
 
     pub fn observe(&self, d: Duration) {
+        self.observe_many(d, 1);
+    }
+
+    /// `n` observations of the same duration.
+    pub fn observe_many(&self, d: Duration, n: u64) {
         let us = d.as_micros().min(u64::MAX as u128) as u64;
         if let Some(i) = self.bounds_us.iter().position(|b| us <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            self.buckets[i].fetch_add(n, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(us.saturating_mul(n), Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String, metric: &str) {
@@ -422,7 +428,8 @@ impl Metrics {
             o,
             "publish_to_send_seconds",
             "histogram",
-            "Time from publish to the frame being written to a subscriber's socket.",
+            "Time from a publish until its fan-out handed the frame to every subscriber's socket \
+             (or, for a full socket, its queue); counted once per delivery.",
         );
         self.publish_to_send
             .render(o, "wavelog_worker_publish_to_send_seconds");

@@ -81,6 +81,38 @@ pub fn push_text(topic_json: &str, id: &str, payload: &str) -> String {
     text
 }
 
+/// A server-to-client WebSocket text frame (RFC 6455 section 5.2: final, unmasked) around
+/// `text`, ready for the socket. Pushes are framed once per publish and the same bytes go to
+/// every subscriber; the session's own frames use it too, so both write whole frames in order.
+pub fn ws_text_frame(text: &[u8]) -> Bytes {
+    let len = text.len();
+    let mut out = Vec::with_capacity(len + 10);
+    out.push(0x81);
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(text);
+    Bytes::from(out)
+}
+
+/// `parts` as one chunk of a `transfer-encoding: chunked` body (size line, data, CRLF).
+pub fn http_chunk(parts: &[&[u8]]) -> Bytes {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(len + 20);
+    out.extend_from_slice(format!("{len:x}\r\n").as_bytes());
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
+}
+
 /// `id: <id>\n`: the id line of an SSE event.
 pub fn sse_id(id: &str) -> Bytes {
     Bytes::from(format!("id: {id}\n"))
@@ -196,6 +228,24 @@ mod tests {
             })
         );
         assert_eq!(Inbound::parse(r#"{"type":"ping"}"#), Some(Inbound::Other));
+    }
+
+    #[test]
+    fn ws_frames_carry_their_length_in_the_shortest_form() {
+        assert_eq!(&ws_text_frame(b"hi")[..], b"\x81\x02hi");
+        let mid = ws_text_frame(&[b'a'; 300]);
+        assert_eq!(&mid[..4], &[0x81, 126, 1, 44]);
+        assert_eq!(mid.len(), 304);
+        let big = ws_text_frame(&vec![b'a'; 70_000]);
+        assert_eq!(&big[..2], &[0x81, 127]);
+        assert_eq!(u64::from_be_bytes(big[2..10].try_into().unwrap()), 70_000);
+    }
+
+    #[test]
+    fn chunks_are_framed_in_hex() {
+        assert_eq!(&http_chunk(&[b"id: 1\n", &[b'x'; 20]])[..5], b"1a\r\ni");
+        assert!(http_chunk(&[b"a"]).ends_with(b"a\r\n"));
+        assert_eq!(&http_chunk(&[&[b'x'; 0x1_0000]])[..7], b"10000\r\n");
     }
 
     #[test]

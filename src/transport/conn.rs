@@ -1,6 +1,9 @@
 //! A client connection as the sessions see it: the socket, the bytes already read from it put
 //! back in front, and a write-stall deadline.
 //!
+//! The socket is shared (`Arc`): a stream session's [`crate::hub::Outlet`] lets publishers write
+//! to it directly, in order with the session's own writes.
+//!
 //! The deadline lives here, in the writer every path shares (the hand-written stream path,
 //! hyper's path and the upgraded WebSocket), so a client that stops reading is dropped after
 //! `stall` whichever code writes to it. A timer exists only while a write waits: the usual
@@ -8,8 +11,10 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -22,7 +27,7 @@ const STALE_GRACE: Duration = Duration::from_secs(1);
 
 pub struct Conn {
     prefix: Bytes,
-    io: TcpStream,
+    io: Arc<TcpStream>,
     stall: Duration,
     /// Boxed and made on the first write that waits, so idle connections don't carry it.
     timer: Option<Pin<Box<Sleep>>>,
@@ -40,11 +45,16 @@ impl Conn {
     pub fn new(io: TcpStream, prefix: Bytes, stall: Duration) -> Conn {
         Conn {
             prefix,
-            io,
+            io: Arc::new(io),
             stall,
             timer: None,
             armed: false,
         }
+    }
+
+    /// The socket, for a writer that shares it (see [`crate::hub::Outlet`]).
+    pub fn socket(&self) -> Arc<TcpStream> {
+        self.io.clone()
     }
 
     /// Ends our side of the connection and reads (and drops) what the client still sends, for
@@ -102,7 +112,18 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         if self.prefix.is_empty() {
-            return Pin::new(&mut self.io).poll_read(cx, buf);
+            loop {
+                ready!(self.io.poll_read_ready(cx))?;
+                let unfilled = buf.initialize_unfilled();
+                match self.io.try_read(unfilled) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
         }
         let n = self.prefix.len().min(buf.remaining());
         buf.put_slice(&self.prefix[..n]);
@@ -121,7 +142,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        let r = retry(cx, &self.io, |io| io.try_write(buf));
         self.watch(cx, r)
     }
 
@@ -130,7 +151,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let r = retry(cx, &self.io, |io| io.try_write_vectored(bufs));
         self.watch(cx, r)
     }
 
@@ -138,12 +159,47 @@ impl AsyncWrite for Conn {
         true
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.io).poll_flush(cx);
-        self.watch(cx, r)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // SAFETY: the descriptor is open for as long as `self.io` lives.
+        let r = unsafe { libc::shutdown(self.io.as_raw_fd(), libc::SHUT_WR) };
+        if r == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOTCONN) => Poll::Ready(Ok(())),
+            _ => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// A non-blocking write on a shared socket, waiting for writability when it would block.
+fn retry<T>(
+    cx: &mut Context<'_>,
+    io: &TcpStream,
+    mut write: impl FnMut(&TcpStream) -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        ready!(io.poll_write_ready(cx))?;
+        match write(io) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return Poll::Ready(r),
+        }
+    }
+}
+
+/// A `Conn` over a socket another test helper already shares.
+#[cfg(test)]
+pub fn tests_conn(io: Arc<TcpStream>) -> Conn {
+    Conn {
+        prefix: Bytes::new(),
+        io,
+        stall: Duration::from_secs(10),
+        timer: None,
+        armed: false,
     }
 }

@@ -9,16 +9,13 @@
 //! else (other paths, methods, HTTP/1.0, malformed or oversized heads, later requests on a
 //! keep-alive connection) goes to hyper, with the bytes already read put back in front.
 
-use std::io::{self, IoSlice};
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use super::conn::Conn;
@@ -228,73 +225,8 @@ where
     None
 }
 
-/// Most parts one chunk carries.
-pub const MAX_PARTS: usize = 64;
-
-/// Writes `parts` (at most [`MAX_PARTS`]; the rest is ignored) as one chunk of a
-/// `transfer-encoding: chunked` body, with as few system calls as the socket allows (usually
-/// one `writev`) and no allocation. The I/O vectors are rebuilt on each attempt rather than
-/// kept across a wait, so a stream's task doesn't carry room for them.
-pub async fn write_chunk<W: AsyncWrite + Unpin>(io: &mut W, parts: &[Bytes]) -> io::Result<()> {
-    let parts = &parts[..parts.len().min(MAX_PARTS)];
-    let len: usize = parts.iter().map(Bytes::len).sum();
-    if len == 0 {
-        return Ok(());
-    }
-    let mut size_line = [0u8; 18];
-    let size_len = hex_line(&mut size_line, len);
-    let size_line = &size_line[..size_len];
-    let total = size_len + len + 2;
-    let mut written = 0;
-    std::future::poll_fn(|cx| {
-        while written < total {
-            let mut slices = [IoSlice::new(&[]); MAX_PARTS + 2];
-            let pieces = std::iter::once(size_line)
-                .chain(parts.iter().map(|p| &p[..]))
-                .chain(std::iter::once(&b"\r\n"[..]));
-            let mut skip = written;
-            let mut used = 0;
-            for piece in pieces {
-                if skip >= piece.len() {
-                    skip -= piece.len();
-                    continue;
-                }
-                slices[used] = IoSlice::new(&piece[skip..]);
-                skip = 0;
-                used += 1;
-            }
-            match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..used]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => written += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(Ok(()))
-    })
-    .await
-}
-
 /// The end of a chunked body.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
-
-/// `len` in hex followed by CRLF, into `out`; returns the bytes used.
-fn hex_line(out: &mut [u8; 18], mut len: usize) -> usize {
-    let mut digits = [0u8; 16];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b"0123456789abcdef"[len & 15];
-        len >>= 4;
-        if len == 0 {
-            break;
-        }
-    }
-    let n = digits.len() - start;
-    out[..n].copy_from_slice(&digits[start..]);
-    out[n..n + 2].copy_from_slice(b"\r\n");
-    n + 2
-}
 
 #[cfg(test)]
 mod tests {
@@ -342,16 +274,5 @@ mod tests {
             matches!(parse_first(&long), Parsed::Other),
             "too long for us"
         );
-    }
-
-    #[test]
-    fn chunk_sizes_are_hex() {
-        let mut line = [0u8; 18];
-        let n = hex_line(&mut line, 255);
-        assert_eq!(&line[..n], b"ff\r\n");
-        let n = hex_line(&mut line, 0x1_0000);
-        assert_eq!(&line[..n], b"10000\r\n");
-        let n = hex_line(&mut line, 0);
-        assert_eq!(&line[..n], b"0\r\n");
     }
 }

@@ -2,25 +2,26 @@
 //! Events, for proxies and networks that break WebSocket upgrades.
 //!
 //! Every refusal is a plain HTTP answer before the stream starts (400, 401, 403, 404), with CORS
-//! headers so the JS client's `fetch` probe can read the status EventSource hides. The stream
-//! itself is a hand-written `Stream`: a push costs two shared `Bytes` chunks (`id:` line and
-//! `data:` lines, both serialized once per publish). As a connection's first request (the usual
-//! case) it is written by `pump`, in a task of its own, several queued chunks per `writev`; on
-//! a connection hyper already serves, hyper polls it.
+//! headers so the JS client's `fetch` probe can read the status EventSource hides. As a
+//! connection's first request (the usual case) publishers write each event to the socket
+//! themselves, one chunk serialized once per publish, and `pump`, in a task of its own, writes
+//! the stream's own chunks and whatever waited while the socket was full; on a connection
+//! hyper already serves, hyper polls the stream for everything.
 
 mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::admission::{self, check_origin, Request};
+use crate::hub::Link;
 use crate::metrics::Transport;
 use crate::routes::{stream_request, with_state, ApiError};
 use crate::transport::http1::{self, Conn, Framing, Head};
@@ -37,7 +38,7 @@ pub fn route(
          headers: HeaderMap,
          peer: PeerAddr,
          state: Arc<AppState>| async move {
-            match respond(method, &query, &headers, peer.0, &state).await {
+            match respond(method, &query, &headers, peer.0, &state, None).await {
                 Answer::Plain(res) => res,
                 // On a connection hyper already serves: hyper polls the stream.
                 Answer::Stream(head, stream) => {
@@ -58,7 +59,17 @@ pub async fn take_over(
     mut conn: Conn,
     peer: SocketAddr,
 ) -> Option<Conn> {
-    match respond(Method::GET, &head.query, &head.headers, peer, &state).await {
+    let socket = conn.socket();
+    match respond(
+        Method::GET,
+        &head.query,
+        &head.headers,
+        peer,
+        &state,
+        Some(socket),
+    )
+    .await
+    {
         Answer::Plain(res) => http1::answer(conn, res, head.keep_alive).await,
         Answer::Stream(headers, stream) => {
             let mut res = http::Response::new(());
@@ -74,38 +85,34 @@ pub async fn take_over(
     }
 }
 
-/// Writes the stream's chunks as they come (several in one `writev` when they queue up) until
-/// the stream ends (shutdown, token expiry) or the client goes away. A client that takes
-/// nothing for `idle_timeout` (a full socket buffer) fails the write, as on `/ws`: the
-/// connection's writer carries that deadline. One that merely reads slowly falls behind and
-/// gets `resync`.
-async fn pump(mut conn: Conn, mut stream: EventStream) {
-    let mut batch: Vec<Bytes> = Vec::new();
+/// Writes the stream's own chunks (keepalives, the end) and whatever publishes left waiting in
+/// the outlet when the socket was full, until the stream ends (shutdown, token expiry) or the
+/// client goes away. A client that takes nothing for `idle_timeout` (a full socket buffer) fails
+/// the write, as on `/ws`: the connection's writer carries that deadline. One that merely reads
+/// slowly falls behind and gets `resync`.
+async fn pump(conn: Conn, mut stream: EventStream) {
+    let outlet = stream.outlet().clone();
+    let mut link = Link::new(conn, outlet.clone());
     // An SSE client has nothing to say; reading only notices when it leaves.
     let mut discard = [0u8; 32];
     loop {
         tokio::select! {
             biased;
-            chunk = stream.next() => {
-                let Some(Ok(chunk)) = chunk else {
-                    let _ = conn.write_all(http1::LAST_CHUNK).await;
-                    return;
-                };
-                batch.push(chunk);
-                while batch.len() < http1::MAX_PARTS {
-                    match stream.next().now_or_never() {
-                        Some(Some(Ok(chunk))) => batch.push(chunk),
-                        _ => break,
-                    }
-                }
-                if http1::write_chunk(&mut conn, &batch).await.is_err() {
+            _ = std::future::poll_fn(|cx| outlet.poll_pending(cx)) => {
+                if link.flush().await.is_err() {
                     return;
                 }
-                batch.clear();
-                // Keep room for one event (id and data) between bursts, no more.
-                batch.shrink_to(4);
             }
-            read = conn.read(&mut discard) => {
+            chunk = stream.next() => {
+                let (bytes, last) = match chunk {
+                    Some(Ok(chunk)) => (outlet.frame(&chunk), false),
+                    _ => (bytes::Bytes::from_static(http1::LAST_CHUNK), true),
+                };
+                if link.write_all(&bytes).await.is_err() || link.flush().await.is_err() || last {
+                    return;
+                }
+            }
+            read = link.read(&mut discard) => {
                 if !matches!(read, Ok(n) if n > 0) {
                     return;
                 }
@@ -131,18 +138,20 @@ impl Answer {
     }
 }
 
+/// `direct`: the socket, when the stream is written by our own HTTP/1 code.
 async fn respond(
     method: Method,
     query: &str,
     headers: &HeaderMap,
     peer: SocketAddr,
     state: &Arc<AppState>,
+    direct: Option<Arc<TcpStream>>,
 ) -> Answer {
     // Only the CORS echo: admission decides (403 for a disallowed origin). Refusals carry
     // CORS headers too, so the JS client's fetch probe can read their status.
     let allowed = check_origin(&state.config.allowed_origins, headers);
     let mut answer = match method {
-        Method::GET => match open(query, headers, peer, state).await {
+        Method::GET => match open(query, headers, peer, state, direct).await {
             Ok(stream) => Answer::Stream(stream_headers(), stream),
             Err(e) => Answer::Plain(e.into_response()),
         },
@@ -205,6 +214,7 @@ async fn open(
     headers: &HeaderMap,
     peer: SocketAddr,
     state: &Arc<AppState>,
+    direct: Option<Arc<TcpStream>>,
 ) -> Result<EventStream, ApiError> {
     let request = Request {
         transport: Transport::Sse,
@@ -213,5 +223,5 @@ async fn open(
         peer,
     };
     let admitted = admission::admit(state, request).await?.grant(state)?;
-    Ok(EventStream::open(state, admitted))
+    Ok(EventStream::open(state, admitted, direct))
 }

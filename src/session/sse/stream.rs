@@ -1,7 +1,7 @@
-//! One SSE client as a `Stream` of chunks: a push costs two shared `Bytes` chunks (`id:` line
-//! and `data:` lines, both serialized once per publish).
+//! One SSE client: its subscriptions, timers and the chunks of its own. Publishers write its
+//! events to the socket themselves through its [`Outlet`] (SSE chunks serialized once per
+//! publish); on a connection hyper serves, the events come out of this `Stream` instead.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -10,29 +10,29 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::{Future, Stream};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, Sleep};
 use tokio_stream::wrappers::WatchStream;
-use tokio_stream::StreamMap;
 
 use crate::admission::{Admitted, Permit};
-use crate::hub::{Delivery, Replay, Subscription};
-use crate::metrics::{ConnectionGauge, Metrics, Transport};
+use crate::hub::{Item, Outlet, Subscription, Wire};
+use crate::metrics::{ConnectionGauge, Transport};
 use crate::presence::Member;
 use crate::protocol::{self, Outbound};
 use crate::time::spread;
 use crate::transport::Tracked;
 use crate::AppState;
 
-/// One SSE client: its subscriptions, and the chunks waiting to be written.
+/// One SSE client: its subscriptions, and what it writes of its own.
 pub struct EventStream {
-    subs: StreamMap<usize, Subscription>,
-    /// Last id per topic (URL order); the `id:` line of a multi-topic stream joins them.
-    cursor: Vec<String>,
+    outlet: Arc<Outlet>,
+    /// Hyper writes this stream: events come out of `poll_next` too.
+    yields_events: bool,
+    _subs: Vec<Subscription>,
     topics: Vec<Arc<str>>,
-    queue: VecDeque<Bytes>,
     /// When the earliest token expires, with `enforce_token_expiry`.
     expiry: Option<Pin<Box<Sleep>>>,
-    /// The expiry was announced: the stream ends once its queue is written.
+    /// The expiry was announced: the stream ends.
     expired: bool,
     keepalive: Interval,
     shutdown: WatchStream<bool>,
@@ -40,7 +40,6 @@ pub struct EventStream {
     drain_delay: std::time::Duration,
     client: IpAddr,
     started: Instant,
-    metrics: Arc<Metrics>,
     _member: Member,
     _tracked: Tracked,
     _gauge: ConnectionGauge,
@@ -48,19 +47,31 @@ pub struct EventStream {
 }
 
 impl EventStream {
-    pub fn open(state: &Arc<AppState>, admitted: Admitted) -> EventStream {
+    /// Subscribes the admitted topics. With `direct` (the socket, on our own HTTP/1 path)
+    /// publishers write chunks of a chunked body to it; without, hyper takes everything from
+    /// `poll_next`.
+    pub fn open(
+        state: &Arc<AppState>,
+        admitted: Admitted,
+        direct: Option<Arc<TcpStream>>,
+    ) -> EventStream {
         let cfg = &state.config;
         let n = admitted.grants.len();
+        let wire = match direct {
+            Some(_) => Wire::SseChunked,
+            None => Wire::SseBody,
+        };
+        let outlet = Outlet::new(wire, direct, cfg.subscriber_queue);
         let expiry = crate::session::expiry_deadline(
             state,
             admitted.grants.iter().filter_map(|g| g.expires),
         );
         let mut stream = EventStream {
-            subs: StreamMap::with_capacity(n),
-            cursor: Vec::with_capacity(n),
+            outlet: outlet.clone(),
+            yields_events: wire == Wire::SseBody,
+            _subs: Vec::with_capacity(n),
             topics: Vec::with_capacity(n),
             expiry: expiry.map(|at| Box::pin(tokio::time::sleep_until(at))),
-            queue: VecDeque::new(),
             expired: false,
             keepalive: tokio::time::interval_at(
                 Instant::now() + cfg.sse_keepalive,
@@ -71,63 +82,44 @@ impl EventStream {
             drain_delay: spread(state.next_conn_id(), cfg.shutdown_drain),
             client: admitted.client,
             started: Instant::now(),
-            metrics: state.metrics.clone(),
             _member: state.presence.join(admitted.user_id),
             _tracked: state.sockets.track(),
             _gauge: state.metrics.open(Transport::Sse),
             _permit: admitted.permit,
         };
-        let mut replays = Vec::new();
+        // Held while subscribing: events published meanwhile go out after the replay.
+        outlet.hold();
+        let mut cursor = Vec::with_capacity(n);
+        let mut replays = Vec::with_capacity(n);
         for (i, granted) in admitted.grants.iter().enumerate() {
-            let subscribed = state
-                .hub
-                .subscribe(&granted.topic, granted.resume.as_deref());
+            let subscribed =
+                state
+                    .hub
+                    .subscribe(&granted.topic, granted.resume.as_deref(), &outlet, i);
             stream.topics.push(subscribed.subscription.topic().clone());
-            stream.cursor.push(subscribed.position);
-            stream.subs.insert(i, subscribed.subscription);
+            stream._subs.push(subscribed.subscription);
+            cursor.push(subscribed.position);
             replays.push(subscribed.replay);
         }
         // First the reconnect delay and the starting cursor, as a `position` event (page code
         // can read it; `onmessage` handlers don't see it): a client that drops before any
         // event still resumes from here and misses nothing.
-        let cursor = stream.cursor.join(",");
-        let head = protocol::sse_position(cfg.sse_retry.as_millis(), &cursor);
-        stream.queue.push_back(head);
+        let joined = cursor.join(",");
+        let head = protocol::sse_position(cfg.sse_retry.as_millis(), &joined);
+        let mut preface = vec![Item::Own(outlet.frame(&head))];
         for (i, replay) in replays.into_iter().enumerate() {
-            match replay {
-                Replay::Resync => stream.push_resync(i),
-                Replay::Events(frames) => {
-                    for frame in frames {
-                        stream.push(i, Delivery::Event(frame));
-                    }
-                }
-            }
+            preface.extend(replay.into_items(i, &stream.topics[i]));
         }
+        if n > 1 {
+            outlet.set_cursor(cursor);
+        }
+        outlet.release(preface);
         tracing::info!(topics = ?stream.topics, client = %stream.client, "sse connected");
         stream
     }
 
-    fn push(&mut self, i: usize, delivery: Delivery) {
-        let frame = match delivery {
-            Delivery::Event(frame) => frame,
-            Delivery::Resync => return self.push_resync(i),
-        };
-
-        if self.cursor.len() == 1 {
-            self.queue.push_back(frame.sse_id.clone());
-        } else {
-            // `id: ` + "a-1" + "\n" sliced out of the frame's own id line.
-            let id = &frame.sse_id[4..frame.sse_id.len() - 1];
-            self.cursor[i] = String::from_utf8_lossy(id).into_owned();
-            self.queue
-                .push_back(Bytes::from(format!("id: {}\n", self.cursor.join(","))));
-        }
-        self.queue.push_back(frame.sse_data.clone());
-    }
-
-    fn push_resync(&mut self, i: usize) {
-        let topic = &self.topics[i];
-        self.queue.push_back(Outbound::Resync { topic }.to_sse());
+    pub fn outlet(&self) -> &Arc<Outlet> {
+        &self.outlet
     }
 }
 
@@ -147,8 +139,10 @@ impl Stream for EventStream {
             }
             this.close_at = Some(sleep);
         }
-        if let Some(chunk) = this.queue.pop_front() {
-            return Poll::Ready(Some(Ok(chunk)));
+        if this.yields_events {
+            if let Poll::Ready(chunk) = this.outlet.poll_take(cx) {
+                return Poll::Ready(Some(Ok(chunk)));
+            }
         }
         if this.expired {
             return Poll::Ready(None);
@@ -163,17 +157,6 @@ impl Stream for EventStream {
                     message: "token expired",
                 };
                 return Poll::Ready(Some(Ok(frame.to_sse())));
-            }
-        }
-        if let Poll::Ready(Some((i, delivery))) = Pin::new(&mut this.subs).poll_next(cx) {
-            if let Delivery::Event(frame) = &delivery {
-                this.metrics
-                    .publish_to_send
-                    .observe(frame.published.elapsed());
-            }
-            this.push(i, delivery);
-            if let Some(chunk) = this.queue.pop_front() {
-                return Poll::Ready(Some(Ok(chunk)));
             }
         }
         if this.keepalive.poll_tick(cx).is_ready() {

@@ -15,12 +15,14 @@ use http::{HeaderMap, HeaderValue, Method};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use warp::reply::Response;
 use warp::Filter;
 
 use crate::admission::{self, Pending, Request};
+use crate::hub::{Link, Outlet, Wire};
 use crate::metrics::Transport;
 use crate::routes::{stream_request, with_state, ApiError};
 use crate::transport::http1::{self, Conn, Framing, Head};
@@ -58,7 +60,7 @@ async fn upgrade_in_hyper(
     let res = handshake::switching(accepted.key.clone());
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(upgraded) => accepted.run(TokioIo::new(upgraded), state).await,
+            Ok(upgraded) => accepted.run(TokioIo::new(upgraded), None, state).await,
             Err(e) => tracing::debug!("websocket upgrade failed: {e}"),
         }
     });
@@ -86,7 +88,8 @@ pub async fn take_over(
     drop(head);
     if conn.write_all(&bytes).await.is_ok() {
         // A task sized for the session alone: the handshake's state is freed with this one.
-        tokio::spawn(accepted.run(conn, state));
+        let socket = conn.socket();
+        tokio::spawn(accepted.run(conn, Some(socket), state));
     }
     None
 }
@@ -120,12 +123,15 @@ async fn accept(
 }
 
 impl Accepted {
-    /// The socket's whole life after the `101`.
-    async fn run<S>(self, io: S, state: Arc<AppState>)
+    /// The socket's whole life after the `101`. With `direct` (the socket under `io`),
+    /// publishers write events to it themselves.
+    async fn run<S>(self, io: S, direct: Option<Arc<TcpStream>>, state: Arc<AppState>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let config = handshake::socket_config(state.config.max_payload_bytes);
+        let outlet = Outlet::new(Wire::WebSocket, direct, state.config.subscriber_queue);
+        let io = Link::new(io, outlet);
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         Session::run(ws, state, self.pending).await;
     }

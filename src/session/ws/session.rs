@@ -1,7 +1,8 @@
 //! One WebSocket's life after the `101`: authentication, then delivery.
 //!
-//! One task per socket drives everything (reading, delivering, pinging, deadlines) with one
-//! `select!`, so a socket costs one small future and no locks are shared between sockets.
+//! Publishers write events to the socket themselves, through the socket's
+//! [`Outlet`]; the session's one task reads, pings, keeps deadlines, and writes only what
+//! waits in the outlet when the socket was full. Its own frames go through the same outlet.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,16 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
-use tokio_stream::StreamMap;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::end::End;
 use crate::admission::{self, Admitted, Denied, Granted, Pending};
-use crate::hub::{Delivery, Replay, Subscription};
+use crate::hub::{Item, Link, Outlet, Subscription};
 use crate::metrics::Transport;
 use crate::protocol::{Inbound, Outbound};
 use crate::registry::STATUS_TOPIC;
@@ -28,21 +28,20 @@ use crate::AppState;
 
 /// Minimum spacing of answered status requests on the status topic, per socket.
 const STATUS_THROTTLE: Duration = Duration::from_millis(700);
-/// Frames written per flush when several are queued.
-const BATCH: usize = 64;
 /// Refused subscriptions that look like guessing (bad tokens, unregistered topics, throttled)
 /// after which the socket is closed.
 const MAX_SOCKET_FAILURES: u8 = 5;
 
 pub struct Session<S> {
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Link<S>>,
+    outlet: Arc<Outlet>,
     state: Arc<AppState>,
     /// The topic of the URL, authenticated by the first frame.
     topic: String,
     client: IpAddr,
     conn_id: u64,
     last_status: Option<Instant>,
-    subs: StreamMap<Arc<str>, Subscription>,
+    subs: HashMap<Arc<str>, Subscription>,
     /// Token expiry per subscribed topic (unix seconds), for `enforce_token_expiry`.
     expiries: HashMap<Arc<str>, i64>,
     budget: FrameBudget,
@@ -54,14 +53,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     /// The socket's whole life; `pending` holds its slot until the first frame is checked.
-    pub async fn run(ws: WebSocketStream<S>, state: Arc<AppState>, pending: Pending) {
+    pub async fn run(ws: WebSocketStream<Link<S>>, state: Arc<AppState>, pending: Pending) {
         let mut session = Session {
+            outlet: ws.get_ref().outlet().clone(),
             conn_id: state.next_conn_id(),
             topic: pending.topic().to_string(),
             client: pending.client,
             ws,
             last_status: None,
-            subs: StreamMap::new(),
+            subs: HashMap::new(),
             expiries: HashMap::new(),
             budget: FrameBudget::new(
                 state.config.inbound_frame_burst,
@@ -141,16 +141,11 @@ where
         let Some(first) = admitted.grants.into_iter().next() else {
             return End::denied(Denied::TokenMissing);
         };
-        let topic = first.topic.clone();
-        let (position, replay) = self.add_subscription(first);
-        let ok = Outbound::AuthOk {
-            topic: &topic,
-            last_event_id: Some(&position),
-        };
-        if let Err(end) = self.send(Message::text(ok.to_text())).await {
-            return end;
-        }
-        if let Err(end) = self.send_replay(&topic, replay).await {
+        self.add_subscription(first, |topic, position| Outbound::AuthOk {
+            topic,
+            last_event_id: Some(position),
+        });
+        if let Err(end) = self.flush().await {
             return end;
         }
         tracing::info!(topic = ?self.topic, client = %self.client, "ws connected");
@@ -180,8 +175,9 @@ where
                     clock.close_at = Some(Instant::now() + offset);
                     timer.as_mut().reset(clock.earliest());
                 }
-                Some(first) = self.subs.next() => {
-                    if let Err(end) = self.deliver(first).await {
+                _ = std::future::poll_fn(|cx| self.outlet.poll_pending(cx)) => {
+                    // Publishes found the socket full: write what waits as it drains.
+                    if let Err(end) = self.flush().await {
                         return end;
                     }
                 }
@@ -233,30 +229,28 @@ where
         crate::session::expiry_deadline(&self.state, self.expiries.values().copied())
     }
 
-    /// Subscribes under the hub's topic lock; returns the position and what to replay.
-    fn add_subscription(&mut self, granted: Granted) -> (String, Replay) {
-        let subscribed = self
-            .state
-            .hub
-            .subscribe(&granted.topic, granted.resume.as_deref());
+    /// Subscribes under the hub's topic lock, with the outlet held meanwhile, so the
+    /// acknowledgement (`ack`, with the position) and the replay go out before any live event.
+    fn add_subscription(
+        &mut self,
+        granted: Granted,
+        ack: impl for<'b> FnOnce(&'b str, &'b str) -> Outbound<'b>,
+    ) {
+        self.outlet.hold();
+        let subscribed =
+            self.state
+                .hub
+                .subscribe(&granted.topic, granted.resume.as_deref(), &self.outlet, 0);
         let key = subscribed.subscription.topic().clone();
+        let ack = ack(&granted.topic, &subscribed.position).to_text();
+        let preface = std::iter::once(Item::Own(self.outlet.frame(ack.as_bytes())))
+            .chain(subscribed.replay.into_items(0, &key))
+            .collect();
+        self.outlet.release(preface);
         if let Some(expires) = granted.expires {
             self.expiries.insert(key.clone(), expires);
         }
         self.subs.insert(key, subscribed.subscription);
-        (subscribed.position, subscribed.replay)
-    }
-
-    async fn send_replay(&mut self, topic: &str, replay: Replay) -> Result<(), End> {
-        match replay {
-            Replay::Resync => self.send(resync_message(topic)).await,
-            Replay::Events(frames) => {
-                for frame in frames {
-                    self.feed(Message::Text(frame.text.clone())).await?;
-                }
-                self.flush().await
-            }
-        }
     }
 
     /// Handles a text frame after auth: subscribe/unsubscribe, token refresh, status requests.
@@ -350,36 +344,11 @@ where
             }
         };
         granted.resume = resume;
-        let (position, replay) = self.add_subscription(granted);
-        let ok = Outbound::Subscribed {
-            topic: &topic,
-            last_event_id: &position,
-        };
-        self.send(Message::text(ok.to_text())).await?;
-        self.send_replay(&topic, replay).await
-    }
-
-    /// Writes one delivery and whatever else is already queued, then flushes once.
-    async fn deliver(&mut self, first: (Arc<str>, Delivery)) -> Result<(), End> {
-        let published = match &first.1 {
-            Delivery::Event(frame) => Some(frame.published),
-            Delivery::Resync => None,
-        };
-        self.feed(delivery_message(first)).await?;
-        for _ in 1..BATCH {
-            match self.subs.next().now_or_never() {
-                Some(Some(next)) => self.feed(delivery_message(next)).await?,
-                _ => break,
-            }
-        }
-        self.flush().await?;
-        if let Some(published) = published {
-            self.state
-                .metrics
-                .publish_to_send
-                .observe(published.elapsed());
-        }
-        Ok(())
+        self.add_subscription(granted, |topic, position| Outbound::Subscribed {
+            topic,
+            last_event_id: position,
+        });
+        self.flush().await
     }
 
     /// Queues a frame. (A client that takes nothing for `idle_timeout` fails the write: the
@@ -413,17 +382,6 @@ where
             .await;
         }
     }
-}
-
-fn delivery_message((topic, delivery): (Arc<str>, Delivery)) -> Message {
-    match delivery {
-        Delivery::Event(frame) => Message::Text(frame.text.clone()),
-        Delivery::Resync => resync_message(&topic),
-    }
-}
-
-fn resync_message(topic: &str) -> Message {
-    Message::Text(Utf8Bytes::from(Outbound::Resync { topic }.to_text()))
 }
 
 /// A token bucket for inbound data frames: `burst` at once, then `per_second`. (Pings are

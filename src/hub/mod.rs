@@ -1,54 +1,79 @@
-//! The hub: per-topic event ids, history, and `tokio::sync::broadcast` fan-out.
+//! The hub: per-topic event ids, history, and fan-out to the subscribers' outlets.
 //!
-//! A publish serializes its frames once (WebSocket text and SSE chunks); every subscriber gets a
-//! clone of the same bytes. Each topic has its own small lock under which the event id is
-//! assigned, the event is kept in the topic's history and handed to the channel, so every
-//! subscriber sees a topic's events in one order, the order the hub accepted them, and a
+//! A publish serializes its frames once (a WebSocket frame and an SSE chunk); every subscriber
+//! gets the same bytes. Each topic has its own small lock under which the event id is assigned,
+//! the event is kept in the topic's history and handed to every subscriber's [`Outlet`], so
+//! every subscriber sees a topic's events in one order, the order the hub accepted them, and a
 //! subscription taken under the same lock sees no gap and no duplicate between replayed history
 //! and live events. The global map lock is held only to find or create a topic, never while
-//! sending; `broadcast::Sender::send` never waits for a receiver, so a slow subscriber slows
-//! nobody: it lags, and is told to resync.
+//! sending. An outlet never waits: it writes to its socket at once, or queues, so a slow
+//! subscriber slows nobody: its backlog grows to `subscriber_queue`, then it is told to resync.
 //!
 //! Event ids are `<epoch>-<seq>`: the epoch names this worker run (a restart changes it), the
 //! sequence is one counter for all topics, so ids are unique and increase within every topic,
 //! and a single number ("everything up to seq N") is a position in every topic at once.
 
+mod outlet;
+
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::Stream;
-use tokio::sync::broadcast;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+pub use outlet::{Item, Link, Outlet, Wire};
 
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::sync::lock;
 
-/// A pushed event as it goes out, serialized once per publish.
+/// A pushed event as it goes out, serialized once per publish for every wire.
 #[derive(Debug)]
 pub struct FrameInner {
     pub seq: u64,
     pub published: Instant,
-    /// `{"type":"push","topic":...,"id":...,"payload":...}`: the WebSocket frame, and SSE `data`.
-    pub text: Utf8Bytes,
-    /// `id: <event id>\n`
-    pub sse_id: Bytes,
-    /// `data: <text>\n\n` (split over several `data:` lines if the payload has raw newlines).
-    pub sse_data: Bytes,
+    pub topic: Arc<str>,
+    /// The WebSocket frame around `{"type":"push","topic":...,"id":...,"payload":...}`.
+    pub ws: Bytes,
+    /// Where the text starts in `ws` (after the frame header).
+    ws_head: usize,
+    /// The SSE event (`id:` line, `data:` lines, blank line) as one HTTP/1.1 chunk.
+    pub sse_chunk: Bytes,
+    /// Where the event starts in `sse_chunk` (after the chunk's size line).
+    sse_head: usize,
+    /// Length of the `id: <id>\n` line.
+    sse_id_len: usize,
 }
 
 impl FrameInner {
     /// Bytes held in memory for this frame, for the history budget.
     fn cost(&self) -> usize {
-        self.text.len() + self.sse_id.len() + self.sse_data.len() + 96
+        self.ws.len() + self.sse_chunk.len() + 96
+    }
+
+    /// The push frame's JSON text.
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.ws[self.ws_head..]).unwrap_or_default()
+    }
+
+    /// The event's id.
+    pub fn id(&self) -> &str {
+        let line = &self.sse_chunk[self.sse_head + 4..self.sse_head + self.sse_id_len - 1];
+        std::str::from_utf8(line).unwrap_or_default()
+    }
+
+    /// The SSE event without chunk framing.
+    pub fn sse_event(&self) -> Bytes {
+        self.sse_chunk
+            .slice(self.sse_head..self.sse_chunk.len() - 2)
+    }
+
+    /// The SSE event's `data:` lines and closing blank line.
+    pub fn sse_data(&self) -> Bytes {
+        self.sse_chunk
+            .slice(self.sse_head + self.sse_id_len..self.sse_chunk.len() - 2)
     }
 }
 
@@ -60,14 +85,6 @@ enum IdKind {
     Resumable,
     /// Issued while cut off from the cluster: resuming from it gives `resync` everywhere.
     Isolated,
-}
-
-/// What a subscriber receives next.
-#[derive(Debug, Clone)]
-pub enum Delivery {
-    Event(Frame),
-    /// The subscriber fell behind and events were skipped: it must fetch state anew.
-    Resync,
 }
 
 /// History settings (`history_size`, `history_ttl`, `max_history_bytes`).
@@ -88,6 +105,19 @@ pub enum Replay {
     Resync,
 }
 
+impl Replay {
+    /// What the subscription with `key` on `topic` writes first.
+    pub fn into_items(self, key: usize, topic: &Arc<str>) -> impl Iterator<Item = Item> {
+        let (events, resync) = match self {
+            Replay::Events(frames) => (frames, None),
+            Replay::Resync => (Vec::new(), Some(Item::Resync(topic.clone()))),
+        };
+        resync
+            .into_iter()
+            .chain(events.into_iter().map(move |f| Item::Event(key, f)))
+    }
+}
+
 pub struct Subscribed {
     pub subscription: Subscription,
     pub replay: Replay,
@@ -106,8 +136,10 @@ struct Coalesce {
 }
 
 struct TopicState {
-    /// Present while the topic has subscribers.
-    sender: Option<broadcast::Sender<Delivery>>,
+    /// The topic's name (also in [`Topic`]), for the `resync` frames sent under this lock.
+    name: Arc<str>,
+    /// Every subscriber's outlet, with the key its session knows the topic by.
+    subscribers: Slots,
     history: VecDeque<Frame>,
     /// The seq of the last event of this topic that is no longer in history (or the global
     /// seq when this state was created): ids below it cannot be resumed from.
@@ -140,6 +172,12 @@ struct Topic {
     state: Mutex<TopicState>,
 }
 
+/// Largest topic whose publishes write to the subscribers' sockets from the publishing thread.
+/// A bigger fan-out is handed to the sessions (queued, tasks woken) so that every core writes:
+/// one thread's walk is paced by the kernel's per-send work, and on a machine whose receivers
+/// are local it was measured slower than the sessions' own writes (docs/benchmarks.md).
+const DIRECT_WALK_MAX: usize = 4096;
+
 /// Ids in cluster mode: the cluster-wide sequence from Redis times this, so that events from
 /// nodes that assign no id (the Go worker) can be numbered locally in between (`S.k`).
 pub const CLUSTER_SCALE: u64 = 1 << 16;
@@ -150,7 +188,6 @@ pub struct Hub {
     /// 1 standalone; `CLUSTER_SCALE` in cluster mode.
     scale: u64,
     next_seq: AtomicU64,
-    capacity: usize,
     limits: HistoryLimits,
     history_bytes: AtomicUsize,
     topics: Mutex<HashMap<Arc<str>, Arc<Topic>>>,
@@ -174,20 +211,13 @@ pub struct Published {
 }
 
 impl Hub {
-    /// `capacity` is how many events a subscriber may fall behind before it must resync.
-    pub fn new(
-        capacity: usize,
-        limits: HistoryLimits,
-        metrics: Arc<Metrics>,
-        scale: u64,
-    ) -> Arc<Self> {
+    pub fn new(limits: HistoryLimits, metrics: Arc<Metrics>, scale: u64) -> Arc<Self> {
         Arc::new(Hub {
             metrics,
             // A short random name for this run, so ids from an earlier run are recognised as foreign.
             epoch: RwLock::new(Arc::from(crate::token::random_hex(4))),
             scale: scale.max(1),
             next_seq: AtomicU64::new(1),
-            capacity: capacity.max(1),
             limits,
             history_bytes: AtomicUsize::new(0),
             topics: Mutex::new(HashMap::new()),
@@ -299,7 +329,7 @@ impl Hub {
             state.resynced_ms = now_ms;
             // Ids up to now may have missed something: resuming from them gives `resync`.
             state.forbid_resume_through(now);
-            if state.sender.is_some() && !state.resync_pending {
+            if !state.subscribers.is_empty() && !state.resync_pending {
                 state.resync_pending = true;
                 owed.push(topic.clone());
             }
@@ -333,10 +363,12 @@ impl Hub {
         if !std::mem::take(&mut state.resync_pending) {
             return;
         }
-        if let Some(sender) = &state.sender {
-            let n = sender.send(Delivery::Resync).unwrap_or(0);
-            self.metrics.resyncs.add(cause, n as u64);
+        for (outlet, _) in state.subscribers.iter() {
+            outlet.offer_resync(&state.name);
         }
+        self.metrics
+            .resyncs
+            .add(cause, state.subscribers.len() as u64);
     }
 
     /// The last seq handed out so far.
@@ -460,7 +492,8 @@ impl Hub {
             topic_json: serde_json::to_string(&*name).unwrap_or_else(|_| "\"\"".into()),
             name: name.clone(),
             state: Mutex::new(TopicState {
-                sender: None,
+                name: name.clone(),
+                subscribers: Slots::default(),
                 history: VecDeque::new(),
                 floor: start,
                 idle_since: Some(Instant::now()),
@@ -502,12 +535,19 @@ impl Hub {
         }
         state.last_seq = seq;
         self.pay_resync(state, "cluster");
-        let frame = Arc::new(build_frame(&topic.topic_json, &id, seq, payload));
+        let frame = Arc::new(build_frame(topic, &id, seq, payload));
         self.remember(state, &frame);
-        let receivers = match &state.sender {
-            Some(sender) => sender.send(Delivery::Event(frame)).unwrap_or(0),
-            None => 0,
-        };
+        let write = state.subscribers.len() <= DIRECT_WALK_MAX;
+        let mut receivers = 0;
+        for (outlet, key) in state.subscribers.iter() {
+            receivers += usize::from(outlet.offer_event(key, &frame, write));
+        }
+        if receivers > 0 {
+            // Once per walk, for every delivery of it: no clock read per subscriber.
+            self.metrics
+                .publish_to_send
+                .observe_many(frame.published.elapsed(), receivers as u64);
+        }
         self.metrics
             .deliveries
             .fetch_add(receivers as u64, Ordering::Relaxed);
@@ -589,8 +629,16 @@ impl Hub {
         }
     }
 
-    /// Subscribes to `topic`, resuming after `last_event_id` when history allows.
-    pub fn subscribe(self: &Arc<Self>, name: &str, last_event_id: Option<&str>) -> Subscribed {
+    /// Subscribes `outlet` to `topic` (the session knows it as `key`), resuming after
+    /// `last_event_id` when history allows. Events from now on go to the outlet; the session
+    /// writes the replay before them (see [`Outlet::hold`]).
+    pub fn subscribe(
+        self: &Arc<Self>,
+        name: &str,
+        last_event_id: Option<&str>,
+        outlet: &Arc<Outlet>,
+        key: usize,
+    ) -> Subscribed {
         let mut topics = lock(&self.topics);
         let mut topic = match topics.get(name) {
             Some(t) => t.clone(),
@@ -628,18 +676,14 @@ impl Hub {
                 (Replay::Events(missed), from)
             }
         };
-        let capacity = self.capacity;
-        let rx = state
-            .sender
-            .get_or_insert_with(|| broadcast::channel(capacity).0)
-            .subscribe();
+        let slot = state.subscribers.insert(outlet.clone(), key);
         state.idle_since = None;
         drop(state);
         Subscribed {
             subscription: Subscription {
                 hub: self.clone(),
                 topic,
-                stream: Some(BroadcastStream::new(rx)),
+                slot,
             },
             replay,
             position: self.format_id(position),
@@ -647,14 +691,10 @@ impl Hub {
     }
 
     /// Called when a subscription ends.
-    fn release(&self, topic: &Topic) {
+    fn release(&self, topic: &Topic, slot: usize) {
         let mut state = lock(&topic.state);
-        if state
-            .sender
-            .as_ref()
-            .is_some_and(|s| s.receiver_count() == 0)
-        {
-            state.sender = None;
+        state.subscribers.remove(slot);
+        if state.subscribers.is_empty() {
             state.idle_since = Some(Instant::now());
         }
     }
@@ -694,7 +734,7 @@ impl Hub {
         let topics: Vec<Arc<Topic>> = lock(&self.topics).values().cloned().collect();
         let mut names: Vec<String> = topics
             .iter()
-            .filter(|t| lock(&t.state).sender.is_some())
+            .filter(|t| !lock(&t.state).subscribers.is_empty())
             .map(|t| t.name.to_string())
             .collect();
         names.sort();
@@ -718,11 +758,11 @@ async fn flush_coalesced(hub: Arc<Hub>, topic: Arc<Topic>, at: Instant, window: 
     }
 }
 
-/// One subscriber's view of a topic: a stream of deliveries that never ends by itself.
+/// One subscription of a session's outlet to a topic; dropping it unsubscribes.
 pub struct Subscription {
     hub: Arc<Hub>,
     topic: Arc<Topic>,
-    stream: Option<BroadcastStream<Delivery>>,
+    slot: usize,
 }
 
 impl fmt::Debug for Subscription {
@@ -739,51 +779,119 @@ impl Subscription {
     }
 }
 
-impl Stream for Subscription {
-    type Item = Delivery;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        let Some(stream) = self.stream.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(stream).poll_next(cx) {
-            Poll::Ready(Some(Ok(delivery))) => Poll::Ready(Some(delivery)),
-            Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(_)))) => {
-                Poll::Ready(Some(Delivery::Resync))
-            }
-            // The sender lives as long as we subscribe; never report an end we don't mean.
-            Poll::Ready(None) | Poll::Pending => Poll::Pending,
-        }
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.release(&self.topic, self.slot);
     }
 }
 
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        drop(self.stream.take());
-        self.hub.release(&self.topic);
+/// A topic's subscribers: stable slots (a subscription keeps its index), reused when freed.
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Option<(Arc<Outlet>, usize)>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl Slots {
+    fn insert(&mut self, outlet: Arc<Outlet>, key: usize) -> usize {
+        self.len += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some((outlet, key));
+                i
+            }
+            None => {
+                self.slots.push(Some((outlet, key)));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) {
+        if self.slots.get_mut(i).and_then(Option::take).is_some() {
+            self.len -= 1;
+            self.free.push(i);
+        }
+        if self.len == 0 {
+            self.slots = Vec::new();
+            self.free = Vec::new();
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<Outlet>, usize)> {
+        self.slots.iter().flatten().map(|(o, k)| (o, *k))
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
 /// Builds the frames every subscriber of a publish receives.
-fn build_frame(topic_json: &str, id: &str, seq: u64, payload: &str) -> FrameInner {
-    let text = protocol::push_text(topic_json, id, payload);
+fn build_frame(topic: &Topic, id: &str, seq: u64, payload: &str) -> FrameInner {
+    let text = protocol::push_text(&topic.topic_json, id, payload);
+    let ws = protocol::ws_text_frame(text.as_bytes());
+    let sse_id = protocol::sse_id(id);
+    let sse_data = protocol::sse_data(&text);
+    let sse_chunk = protocol::http_chunk(&[&sse_id, &sse_data]);
     FrameInner {
         seq,
         published: Instant::now(),
-        sse_id: protocol::sse_id(id),
-        sse_data: protocol::sse_data(&text),
-        text: Utf8Bytes::from(text),
+        topic: topic.name.clone(),
+        ws_head: ws.len() - text.len(),
+        ws,
+        sse_head: sse_chunk.len() - sse_id.len() - sse_data.len() - 2,
+        sse_id_len: sse_id.len(),
+        sse_chunk,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use futures_util::StreamExt;
-
     use super::*;
 
-    fn hub(capacity: usize, limits: HistoryLimits) -> Arc<Hub> {
-        Hub::new(capacity, limits, Arc::new(Metrics::default()), 1)
+    const CAP: usize = 8;
+
+    fn hub(limits: HistoryLimits) -> Arc<Hub> {
+        Hub::new(limits, Arc::new(Metrics::default()), 1)
+    }
+
+    /// A subscriber whose outlet only queues (no socket), so the test reads what it got.
+    struct Sub {
+        outlet: Arc<Outlet>,
+        _subscription: Subscription,
+    }
+
+    impl Sub {
+        fn new(h: &Arc<Hub>, topic: &str, capacity: usize) -> Sub {
+            let outlet = Outlet::new(Wire::SseBody, None, capacity);
+            let subscribed = h.subscribe(topic, None, &outlet, 0);
+            Sub {
+                outlet,
+                _subscription: subscribed.subscription,
+            }
+        }
+
+        fn item(&self) -> Option<Item> {
+            self.outlet.take_item()
+        }
+
+        fn event(&self) -> Frame {
+            match self.item() {
+                Some(Item::Event(_, f)) => f,
+                other => panic!("expected an event, got {other:?}"),
+            }
+        }
+    }
+
+    /// Subscribes a throwaway outlet (for what `subscribe` answers).
+    fn resume(h: &Arc<Hub>, topic: &str, id: &str) -> Subscribed {
+        h.subscribe(topic, Some(id), &Outlet::new(Wire::SseBody, None, 8), 0)
     }
 
     fn limits(size: usize) -> HistoryLimits {
@@ -794,111 +902,105 @@ mod tests {
         }
     }
 
-    async fn next_event(sub: &mut Subscription) -> Frame {
-        match sub.next().await {
-            Some(Delivery::Event(f)) => f,
-            other => panic!("expected an event, got {other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_topic_swept_between_lookup_and_lock_is_looked_up_again() {
-        let h = hub(8, limits(8));
+    #[test]
+    fn a_topic_swept_between_lookup_and_lock_is_looked_up_again() {
+        let h = hub(limits(8));
         h.publish("a", "0", None);
         // What `sweep` does to a topic a publish has already found: marked, then removed.
         let found = h.topic_for_publish("a", 0).unwrap();
         lock(&found.state).removed = true;
-        let mut sub = h.subscribe("a", None).subscription;
+        let sub = Sub::new(&h, "a", CAP);
         h.publish("a", "1", None);
-        assert_eq!(
-            next_event(&mut sub).await.seq,
-            2,
-            "the new subscriber gets it"
-        );
+        assert_eq!(sub.event().seq, 2, "the new subscriber gets it");
         assert!(
             lock(&found.state).history.len() <= 1,
             "nothing went to the removed one"
         );
     }
 
-    #[tokio::test]
-    async fn local_numbers_never_run_into_the_next_cluster_number() {
-        let h = Hub::new(8, limits(8), Arc::new(Metrics::default()), 4);
-        let mut sub = h.subscribe("a", None).subscription;
+    #[test]
+    fn local_numbers_never_run_into_the_next_cluster_number() {
+        let h = Hub::new(limits(8), Arc::new(Metrics::default()), 4);
+        let sub = Sub::new(&h, "a", CAP);
         h.accept("a", "0", Some(4), None); // cluster number 1
         for i in 1..=3 {
             h.publish("a", &i.to_string(), None); // Go events: 1.1, 1.2, 1.3
         }
         for want in [4, 5, 6, 7] {
-            assert_eq!(next_event(&mut sub).await.seq, want);
+            assert_eq!(sub.event().seq, want);
         }
         // A fourth would be 2.0, the next cluster number: refused with resync instead.
         h.publish("a", "4", None);
-        assert!(matches!(sub.next().await, Some(Delivery::Resync)));
+        assert!(matches!(sub.item(), Some(Item::Resync(_))));
         h.accept("a", "5", Some(8), None);
-        assert_eq!(next_event(&mut sub).await.seq, 8);
+        assert_eq!(sub.event().seq, 8);
     }
 
-    #[tokio::test]
-    async fn an_event_older_than_the_last_one_is_a_resync_not_a_delivery() {
-        let h = hub(8, limits(8));
-        let mut sub = h.subscribe("a", None).subscription;
+    #[test]
+    fn an_event_older_than_the_last_one_is_a_resync_not_a_delivery() {
+        let h = hub(limits(8));
+        let sub = Sub::new(&h, "a", CAP);
         h.accept("a", "\"new\"", Some(5), None);
-        assert_eq!(next_event(&mut sub).await.seq, 5);
+        assert_eq!(sub.event().seq, 5);
         h.accept("a", "\"late\"", Some(4), None);
-        assert!(matches!(sub.next().await, Some(Delivery::Resync)));
+        assert!(matches!(sub.item(), Some(Item::Resync(_))));
         let id = h.format_id(5);
-        let resumed = h.subscribe("a", Some(&id));
+        let resumed = resume(&h, "a", &id);
         assert!(
             matches!(resumed.replay, Replay::Resync),
             "a resume from before is not exact"
         );
     }
 
-    #[tokio::test]
-    async fn frames_are_shared_and_ordered() {
-        let hub = hub(8, limits(0));
-        let mut a = hub.subscribe("t", None).subscription;
-        let mut b = hub.subscribe("t", None).subscription;
-        let _other = hub.subscribe("u", None).subscription;
+    #[test]
+    fn frames_are_shared_and_ordered() {
+        let hub = hub(limits(0));
+        let a = Sub::new(&hub, "t", CAP);
+        let b = Sub::new(&hub, "t", CAP);
+        let _other = Sub::new(&hub, "u", CAP);
         assert_eq!(hub.publish("t", r#"{"n":1e400}"#, None).receivers, 2);
         hub.publish("t", "null", None);
-        for sub in [&mut a, &mut b] {
-            let first = next_event(sub).await;
-            assert!(first.text.as_str().ends_with(r#""payload":{"n":1e400}}"#));
-            assert!(next_event(sub).await.seq > first.seq);
+        for sub in [&a, &b] {
+            let first = sub.event();
+            assert!(first.text().ends_with(r#""payload":{"n":1e400}}"#));
+            assert!(sub.event().seq > first.seq);
         }
         drop((a, b));
         assert_eq!(hub.active_topics(), vec!["u".to_string()]);
     }
 
-    #[tokio::test]
-    async fn a_lagging_subscriber_gets_resync() {
-        let hub = hub(4, limits(0));
-        let mut slow = hub.subscribe("t", None).subscription;
-        for i in 0..100 {
+    #[test]
+    fn a_lagging_subscriber_gets_resync() {
+        let hub = hub(limits(0));
+        let slow = Sub::new(&hub, "t", 4);
+        for i in 0..98 {
             hub.publish("t", &i.to_string(), None);
         }
-        assert!(matches!(slow.next().await, Some(Delivery::Resync)));
-        let next = next_event(&mut slow).await;
-        assert!(next.text.as_str().ends_with(r#""payload":96}"#));
+        // 98 events into a backlog of 4: dropped at every fifth, one `resync` owed, then the
+        // three published since the last drop.
+        assert!(matches!(slow.item(), Some(Item::Resync(_))));
+        for want in 95..98 {
+            let next = slow.event();
+            assert!(next.text().ends_with(&format!(r#""payload":{want}}}"#)));
+        }
+        assert!(slow.item().is_none(), "one resync, not one per drop");
     }
 
-    #[tokio::test]
-    async fn resume_replays_exactly_the_missed_events() {
-        let hub = hub(64, limits(4));
-        let first = hub.subscribe("t", None);
-        let position = first.position.clone();
+    #[test]
+    fn resume_replays_exactly_the_missed_events() {
+        let hub = hub(limits(4));
+        let first = Sub::new(&hub, "t", CAP);
+        let position = hub.format_id(hub.current_seq());
         drop(first);
         let ids: Vec<String> = (0..3)
             .map(|i| hub.publish("t", &i.to_string(), None).id.unwrap())
             .collect();
-        let again = hub.subscribe("t", Some(&position));
+        let again = resume(&hub, "t", &position);
         let Replay::Events(missed) = again.replay else {
             panic!("resync")
         };
         assert_eq!(missed.len(), 3);
-        let again = hub.subscribe("t", Some(&ids[1]));
+        let again = resume(&hub, "t", &ids[1]);
         let Replay::Events(missed) = again.replay else {
             panic!("resync")
         };
@@ -907,35 +1009,26 @@ mod tests {
         for i in 3..6 {
             hub.publish("t", &i.to_string(), None);
         }
+        assert!(matches!(resume(&hub, "t", &ids[0]).replay, Replay::Resync));
         assert!(matches!(
-            hub.subscribe("t", Some(&ids[0])).replay,
+            resume(&hub, "t", "deadbeef-1").replay,
             Replay::Resync
         ));
         assert!(matches!(
-            hub.subscribe("t", Some("deadbeef-1")).replay,
-            Replay::Resync
-        ));
-        assert!(matches!(
-            hub.subscribe("t", Some("garbage")).replay,
+            resume(&hub, "t", "garbage").replay,
             Replay::Resync
         ));
         let future = hub.format_id(1_000_000);
-        assert!(matches!(
-            hub.subscribe("t", Some(&future)).replay,
-            Replay::Resync
-        ));
+        assert!(matches!(resume(&hub, "t", &future).replay, Replay::Resync));
     }
 
-    #[tokio::test]
-    async fn history_respects_the_byte_budget() {
-        let hub = hub(
-            8,
-            HistoryLimits {
-                size: 1000,
-                ttl: Duration::from_secs(60),
-                max_bytes: 4096,
-            },
-        );
+    #[test]
+    fn history_respects_the_byte_budget() {
+        let hub = hub(HistoryLimits {
+            size: 1000,
+            ttl: Duration::from_secs(60),
+            max_bytes: 4096,
+        });
         let payload = format!("\"{}\"", "x".repeat(500));
         for _ in 0..100 {
             hub.publish("a", &payload, None);

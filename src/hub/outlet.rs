@@ -1,0 +1,593 @@
+//! One client socket as publishers see it: an ordered writer shared by the session and every
+//! publish that reaches the socket.
+//!
+//! A publish walks its topic's outlets and hands each the frame it serialized once for all (a
+//! WebSocket frame, an SSE chunk). An outlet with nothing waiting writes it at once, with one
+//! non-blocking send from the publisher: no task is woken and nothing is allocated. Only when
+//! the socket would block, or bytes are already waiting, is the event queued and the session's
+//! task woken to write the backlog as the socket drains. The session's own frames (`auth_ok`,
+//! pongs, errors, keepalives) go through the same outlet, so no frame is ever split by another
+//! and a topic's events leave in the order the hub accepted them.
+//!
+//! A backlog of more than `capacity` events is dropped and replaced by `resync` for its topics:
+//! a slow consumer costs a bounded amount of memory and is told to fetch state anew.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::Frame;
+use crate::protocol::{self, Outbound};
+use crate::sync::lock;
+
+/// Most buffers one vectored write carries.
+const MAX_SLICES: usize = 32;
+
+/// How an event looks on this socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    WebSocket,
+    /// SSE events, each one chunk of a chunked HTTP/1.1 body we write ourselves.
+    SseChunked,
+    /// SSE events as body data for hyper, which frames and writes them.
+    SseBody,
+}
+
+/// Something to write, in the socket's order.
+#[derive(Debug)]
+pub enum Item {
+    /// An event of the subscription with this key (the session's index of the topic).
+    Event(usize, Frame),
+    /// The subscriber may have missed events of this topic.
+    Resync(Arc<str>),
+    /// Bytes of the session's own, already framed for the wire.
+    Own(Bytes),
+}
+
+pub struct Outlet {
+    wire: Wire,
+    /// The socket, when publishers may write to it themselves.
+    direct: Option<Arc<TcpStream>>,
+    capacity: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Bytes ready for the socket, in order; the first may be the rest of a frame begun.
+    out: VecDeque<Bytes>,
+    /// What comes after `out`, not yet encoded.
+    queue: VecDeque<Item>,
+    queued_events: usize,
+    waker: Option<Waker>,
+    /// A subscription is being set up: publishes queue behind its replay (see `release`).
+    held: bool,
+    broken: bool,
+    /// SSE with several topics: the last id of each, joined into every `id:` line.
+    cursor: Vec<String>,
+}
+
+impl State {
+    fn idle(&self) -> bool {
+        !self.held && self.out.is_empty() && self.queue.is_empty()
+    }
+
+    /// Something is ready for the session to write.
+    fn has_work(&self) -> bool {
+        let empty = self.out.is_empty() && self.queue.is_empty();
+        !self.held && !empty
+    }
+
+    fn wake(&mut self) {
+        if !self.held {
+            if let Some(waker) = self.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+impl Outlet {
+    /// `direct`: the socket itself, for a session that writes raw bytes to a `TcpStream`
+    /// (publishers then write to it too); `None` when the session writes through another
+    /// layer (hyper), which then takes everything from the queue.
+    pub fn new(wire: Wire, direct: Option<Arc<TcpStream>>, capacity: usize) -> Arc<Outlet> {
+        Arc::new(Outlet {
+            wire,
+            direct,
+            capacity: capacity.max(1),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Publisher side: hands over one event, written at once when `write` allows and nothing
+    /// waits. `false` when the socket is gone.
+    pub fn offer_event(&self, key: usize, frame: &Frame, write: bool) -> bool {
+        let mut st = lock(&self.state);
+        if st.broken {
+            return false;
+        }
+        if let Some(socket) = self.direct.as_deref().filter(|_| write && st.idle()) {
+            match self.shared_bytes(&st, frame) {
+                Some(bytes) => write_now(&mut st, socket, bytes),
+                None => {
+                    let bytes = self.encode_event(&mut st, key, frame);
+                    write_now(&mut st, socket, &bytes);
+                }
+            }
+            return true;
+        }
+        st.queue.push_back(Item::Event(key, frame.clone()));
+        st.queued_events += 1;
+        if st.queued_events > self.capacity {
+            drop_backlog(&mut st);
+        }
+        st.wake();
+        true
+    }
+
+    /// Publisher side: the subscriber may have missed events of `topic`.
+    pub fn offer_resync(&self, topic: &Arc<str>) {
+        let mut st = lock(&self.state);
+        if st.broken {
+            return;
+        }
+        st.queue.push_back(Item::Resync(topic.clone()));
+        st.wake();
+    }
+
+    /// Publishes queue (unwritten, unannounced) until `release`: a subscription taken now has
+    /// its acknowledgement and replay written before any live event.
+    pub fn hold(&self) {
+        lock(&self.state).held = true;
+    }
+
+    /// Puts `preface` in front of whatever was published while held, and lets it all go.
+    pub fn release(&self, preface: Vec<Item>) {
+        let mut st = lock(&self.state);
+        for item in preface.into_iter().rev() {
+            if matches!(item, Item::Event(..)) {
+                st.queued_events += 1;
+            }
+            st.queue.push_front(item);
+        }
+        st.held = false;
+        st.wake();
+    }
+
+    /// SSE with several topics: the starting id of each, in key order.
+    pub fn set_cursor(&self, cursor: Vec<String>) {
+        lock(&self.state).cursor = cursor;
+    }
+
+    /// `body` (a JSON text for WebSocket, an SSE event for SSE) framed for this socket.
+    pub fn frame(&self, body: &[u8]) -> Bytes {
+        match self.wire {
+            Wire::WebSocket => protocol::ws_text_frame(body),
+            Wire::SseChunked => protocol::http_chunk(&[body]),
+            Wire::SseBody => Bytes::copy_from_slice(body),
+        }
+    }
+
+    /// Session side: ready when there is something to write (or the socket broke); otherwise
+    /// the task is woken when a publish queues something.
+    pub fn poll_pending(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = lock(&self.state);
+        if st.broken || st.has_work() {
+            return Poll::Ready(());
+        }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Session side: writes everything waiting to `io`, in order, several buffers per call.
+    pub fn poll_drain<W>(&self, cx: &mut Context<'_>, io: &mut W) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut st = lock(&self.state);
+        loop {
+            if st.broken {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            while st.out.len() < MAX_SLICES && !st.held {
+                let Some(item) = st.queue.pop_front() else {
+                    break;
+                };
+                let bytes = self.encode(&mut st, item);
+                st.out.push_back(bytes);
+            }
+            if st.out.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let n = st.out.len().min(MAX_SLICES);
+            for (slice, bytes) in slices.iter_mut().zip(st.out.iter()) {
+                *slice = IoSlice::new(bytes);
+            }
+            match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) => {
+                    st.broken = true;
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(written)) => advance(&mut st.out, written),
+                Poll::Ready(Err(e)) => {
+                    st.broken = true;
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Session side: writes bytes of the session's own after everything waiting. They are
+    /// always taken whole (what the socket doesn't take now waits in the outlet), so a frame of
+    /// the session's is never split by a publish.
+    pub fn poll_write_own<W>(
+        &self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut st = lock(&self.state);
+        if st.broken {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if !st.idle() {
+            st.queue.push_back(Item::Own(Bytes::copy_from_slice(buf)));
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match Pin::new(io).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) if n >= buf.len() => {}
+            Poll::Ready(Ok(n)) => st.out.push_back(Bytes::copy_from_slice(&buf[n..])),
+            Poll::Ready(Err(e)) => {
+                st.broken = true;
+                return Poll::Ready(Err(e));
+            }
+            Poll::Pending => st.out.push_back(Bytes::copy_from_slice(buf)),
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    /// Session side, when hyper writes: the next bytes to hand it.
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Bytes> {
+        let mut st = lock(&self.state);
+        if let Some(bytes) = st.out.pop_front() {
+            return Poll::Ready(bytes);
+        }
+        if !st.held {
+            if let Some(item) = st.queue.pop_front() {
+                return Poll::Ready(self.encode(&mut st, item));
+            }
+        }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// The bytes every subscriber of the frame's topic gets on this wire, when they are the
+    /// same for all.
+    fn shared_bytes<'a>(&self, st: &State, frame: &'a Frame) -> Option<&'a Bytes> {
+        match self.wire {
+            Wire::WebSocket => Some(&frame.ws),
+            Wire::SseChunked if st.cursor.len() <= 1 => Some(&frame.sse_chunk),
+            _ => None,
+        }
+    }
+
+    fn encode(&self, st: &mut State, item: Item) -> Bytes {
+        match item {
+            Item::Own(bytes) => bytes,
+            Item::Resync(topic) => {
+                let resync = Outbound::Resync { topic: &topic };
+                match self.wire {
+                    Wire::WebSocket => self.frame(resync.to_text().as_bytes()),
+                    _ => self.frame(&resync.to_sse()),
+                }
+            }
+            Item::Event(key, frame) => {
+                st.queued_events = st.queued_events.saturating_sub(1);
+                self.encode_event(st, key, &frame)
+            }
+        }
+    }
+
+    fn encode_event(&self, st: &mut State, key: usize, frame: &Frame) -> Bytes {
+        if let Some(bytes) = self.shared_bytes(st, frame) {
+            return bytes.clone();
+        }
+        if st.cursor.len() <= 1 {
+            return frame.sse_event();
+        }
+        // Several topics on one SSE stream: the `id:` line names the position in each.
+        if let Some(slot) = st.cursor.get_mut(key) {
+            *slot = frame.id().to_string();
+        }
+        let id = format!("id: {}\n", st.cursor.join(","));
+        let data = frame.sse_data();
+        match self.wire {
+            Wire::SseChunked => protocol::http_chunk(&[id.as_bytes(), &data]),
+            _ => Bytes::from([id.as_bytes(), &data].concat()),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn take_item(&self) -> Option<Item> {
+        let mut st = lock(&self.state);
+        let item = st.queue.pop_front();
+        if matches!(item, Some(Item::Event(..))) {
+            st.queued_events -= 1;
+        }
+        item
+    }
+}
+
+/// Writes `bytes` with one non-blocking send; whatever the socket doesn't take waits in `out`
+/// and the session is woken to write it.
+fn write_now(st: &mut State, socket: &TcpStream, bytes: &Bytes) {
+    match socket.try_write(bytes) {
+        Ok(n) if n == bytes.len() => return,
+        Ok(n) => st.out.push_back(bytes.slice(n..)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.out.push_back(bytes.clone()),
+        Err(_) => st.broken = true,
+    }
+    st.wake();
+}
+
+/// The slow-consumer rule: the queued events go, a `resync` for each of their topics comes.
+fn drop_backlog(st: &mut State) {
+    let mut topics: Vec<Arc<str>> = Vec::new();
+    st.queue.retain(|item| match item {
+        Item::Event(_, frame) => {
+            if !topics.iter().any(|t| **t == *frame.topic) {
+                topics.push(frame.topic.clone());
+            }
+            false
+        }
+        _ => true,
+    });
+    st.queued_events = 0;
+    for topic in topics {
+        let owed = st
+            .queue
+            .iter()
+            .any(|item| matches!(item, Item::Resync(t) if **t == *topic));
+        if !owed {
+            st.queue.push_back(Item::Resync(topic));
+        }
+    }
+}
+
+/// Drops `n` written bytes from the front of `out`.
+fn advance(out: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = out.front_mut() else {
+            return;
+        };
+        if n < front.len() {
+            front.advance(n);
+            return;
+        }
+        n -= front.len();
+        out.pop_front();
+    }
+}
+
+/// A session's socket with every write going through its outlet: what the session writes
+/// (through tungstenite or by hand) and what publishers write stay in one order.
+pub struct Link<S> {
+    io: S,
+    outlet: Arc<Outlet>,
+}
+
+impl<S> Link<S> {
+    pub fn new(io: S, outlet: Arc<Outlet>) -> Link<S> {
+        Link { io, outlet }
+    }
+
+    pub fn outlet(&self) -> &Arc<Outlet> {
+        &self.outlet
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Link<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Link<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        this.outlet.poll_write_own(cx, &mut this.io, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        std::task::ready!(this.outlet.poll_drain(cx, &mut this.io))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        std::task::ready!(this.outlet.poll_drain(cx, &mut this.io))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::hub::{HistoryLimits, Hub};
+    use crate::metrics::Metrics;
+
+    /// A connected pair: our end (shared, as a session has it) and the client's.
+    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        // Let the reactor see the socket writable, as it has by a session's first write.
+        ours.writable().await.unwrap();
+        (Arc::new(ours), client)
+    }
+
+    fn frames(n: usize, payload: &str) -> Vec<Frame> {
+        let hub = Hub::new(
+            HistoryLimits {
+                size: 0,
+                ttl: std::time::Duration::from_secs(1),
+                max_bytes: 0,
+            },
+            Arc::new(Metrics::default()),
+            1,
+        );
+        let outlet = Outlet::new(Wire::SseBody, None, n + 1);
+        let _sub = hub.subscribe("t", None, &outlet, 0);
+        for i in 0..n {
+            hub.publish("t", &format!("{{\"i\":{i},\"pad\":\"{payload}\"}}"), None);
+        }
+        (0..n)
+            .map(|_| match outlet.take_item() {
+                Some(Item::Event(_, f)) => f,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// Reads WebSocket frames (server frames: unmasked) until `n` came; returns their texts.
+    async fn read_texts(client: &mut TcpStream, n: usize) -> Vec<String> {
+        let mut buf = Vec::new();
+        let mut texts = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        while texts.len() < n {
+            let got = client.read(&mut chunk).await.unwrap();
+            assert!(got > 0, "closed after {} frames", texts.len());
+            buf.extend_from_slice(&chunk[..got]);
+            loop {
+                if buf.len() < 2 {
+                    break;
+                }
+                assert_eq!(buf[0], 0x81, "a frame starts where the last one ended");
+                let (len, head) = match buf[1] {
+                    126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                    127 if buf.len() >= 10 => (
+                        u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => break,
+                    n => (n as usize, 2),
+                };
+                if buf.len() < head + len {
+                    break;
+                }
+                texts.push(String::from_utf8(buf[head..head + len].to_vec()).unwrap());
+                buf.drain(..head + len);
+            }
+        }
+        texts
+    }
+
+    #[tokio::test]
+    async fn an_idle_socket_is_written_by_the_publisher_without_waking_anyone() {
+        let (ours, mut client) = pair().await;
+        let outlet = Outlet::new(Wire::WebSocket, Some(ours), 8);
+        let frame = &frames(1, "x")[0];
+        assert!(outlet.offer_event(0, frame, true));
+        let pending = poll_fn(|cx| Poll::Ready(outlet.poll_pending(cx))).await;
+        assert!(
+            pending.is_pending(),
+            "nothing left for the session to write"
+        );
+        let texts = read_texts(&mut client, 1).await;
+        assert_eq!(texts[0], frame.text());
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_queues_in_order_and_own_frames_come_after() {
+        let (ours, mut client) = pair().await;
+        let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 10_000);
+        // Large frames until the socket takes no more: the rest must wait in the outlet.
+        let all = frames(400, &"p".repeat(60 * 1024));
+        for f in &all {
+            assert!(outlet.offer_event(0, f, true));
+        }
+        assert!(
+            !lock(&outlet.state).out.is_empty(),
+            "the socket filled up (24 MiB offered)"
+        );
+        let mut link = Link::new(crate::transport::conn::tests_conn(ours), outlet.clone());
+        let own = protocol::ws_text_frame(b"{\"type\":\"own\"}");
+        poll_fn(|cx| Pin::new(&mut link).poll_write(cx, &own))
+            .await
+            .unwrap();
+        let reader = tokio::spawn(async move { read_texts(&mut client, 401).await });
+        poll_fn(|cx| Pin::new(&mut link).poll_flush(cx))
+            .await
+            .unwrap();
+        let texts = reader.await.unwrap();
+        for (i, text) in texts[..400].iter().enumerate() {
+            assert!(text.contains(&format!("\"i\":{i},")), "event {i} in place");
+        }
+        assert_eq!(texts[400], "{\"type\":\"own\"}");
+    }
+
+    #[tokio::test]
+    async fn a_backlog_over_capacity_becomes_one_resync() {
+        let outlet = Outlet::new(Wire::WebSocket, None, 3);
+        for f in &frames(7, "x") {
+            outlet.offer_event(0, f, true);
+        }
+        // Dropped at the fourth, then three more fit.
+        assert!(matches!(outlet.take_item(), Some(Item::Resync(t)) if &*t == "t"));
+        for _ in 0..3 {
+            assert!(matches!(outlet.take_item(), Some(Item::Event(..))));
+        }
+        assert!(outlet.take_item().is_none());
+    }
+
+    #[tokio::test]
+    async fn what_is_published_while_held_follows_the_preface() {
+        let (ours, mut client) = pair().await;
+        let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 8);
+        let all = frames(2, "x");
+        outlet.hold();
+        outlet.offer_event(0, &all[1], true);
+        let ack = Item::Own(outlet.frame(b"{\"type\":\"auth_ok\"}"));
+        outlet.release(vec![ack, Item::Event(0, all[0].clone())]);
+        let mut conn = crate::transport::conn::tests_conn(ours);
+        poll_fn(|cx| outlet.poll_drain(cx, &mut conn))
+            .await
+            .unwrap();
+        let texts = read_texts(&mut client, 3).await;
+        assert_eq!(texts[0], "{\"type\":\"auth_ok\"}");
+        assert_eq!(texts[1], all[0].text());
+        assert_eq!(texts[2], all[1].text());
+    }
+}
