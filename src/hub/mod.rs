@@ -178,6 +178,9 @@ struct Topic {
 /// are local it was measured slower than the sessions' own writes (docs/benchmarks.md).
 const DIRECT_WALK_MAX: usize = 4096;
 
+/// How many subscribers ahead of the one being written a walk prefetches.
+const PREFETCH_AHEAD: usize = 4;
+
 /// Ids in cluster mode: the cluster-wide sequence from Redis times this, so that events from
 /// nodes that assign no id (the Go worker) can be numbered locally in between (`S.k`).
 pub const CLUSTER_SCALE: u64 = 1 << 16;
@@ -539,8 +542,14 @@ impl Hub {
         self.remember(state, &frame);
         let write = state.subscribers.len() <= DIRECT_WALK_MAX;
         let mut receivers = 0;
-        for (outlet, key) in state.subscribers.iter() {
-            receivers += usize::from(outlet.offer_event(key, &frame, write));
+        let slots = &state.subscribers.slots;
+        for (i, slot) in slots.iter().enumerate() {
+            if let Some(Some((ahead, _))) = slots.get(i + PREFETCH_AHEAD) {
+                outlet::prefetch(ahead);
+            }
+            if let Some((outlet, key)) = slot {
+                receivers += usize::from(outlet.offer_event(*key, &frame, write));
+            }
         }
         if receivers > 0 {
             // Once per walk, for every delivery of it: no clock read per subscriber.
