@@ -12,19 +12,44 @@ OUT=bench/results
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
 
-sizes=(1000 10000 19000)
-[ "${1:-}" = quick ] && sizes=(1000 10000)
+sizes=(1000 19000)
+runs=3
+[ "${1:-}" = quick ] && sizes=(1000) && runs=1
+# nchan (nginx with libnginx-mod-nchan) is the reference for the 10,000-subscriber rows.
+nchan=()
+[ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] && nchan=(--nchan)
+
+one() { # label json-name args...
+  local label=$1 name=$2
+  shift 2
+  echo "== $label"
+  "$BIN" run --rate 50 --in-flight 4 --bind-ips 32 --idle-secs 3 --label "$label" \
+    --json "$OUT/$name.json" --require-no-loss "$@"
+}
 
 for n in "${sizes[@]}"; do
-  # Fewer events for more subscribers keeps every run under a minute.
   events=$(( n >= 10000 ? 40 : 200 ))
   for transport in ws sse; do
     for topics in 1 10; do
-      label="$transport ${n}x${topics}t"
-      echo "== $label"
-      "$BIN" run --connections "$n" --topics "$topics" --transport "$transport" \
-        --events "$events" --rate 50 --in-flight 4 --bind-ips 32 --idle-secs 3 \
-        --label "$label" --json "$OUT/${transport}-${n}-${topics}.json" --require-no-loss
+      one "$transport ${n}x${topics}t" "${transport}-${n}-${topics}" \
+        --connections "$n" --topics "$topics" --transport "$transport" --events "$events"
+    done
+  done
+done
+
+# 10,000 subscribers at 50 events/s: the user/kernel split, each scenario $runs times (the
+# report shows the spread), the worker and nchan alternating. 10 topics get 200 events, so
+# that the CPU counters (10 ms ticks) resolve a tenth of a microsecond per delivery.
+for run in $(seq "$runs"); do
+  for transport in ws sse; do
+    for topics in 1 10; do
+      events=$(( topics == 1 ? 40 : 200 ))
+      args=(--connections 10000 --topics "$topics" --transport "$transport" --events "$events")
+      one "$transport 10000x${topics}t" "${transport}-10000-${topics}-r$run" "${args[@]}"
+      if [ ${#nchan[@]} -gt 0 ]; then
+        one "nchan $transport 10000x${topics}t" "nchan-${transport}-10000-${topics}-r$run" \
+          "${args[@]}" "${nchan[@]}"
+      fi
     done
   done
 done
@@ -65,6 +90,6 @@ if command -v redis-server >/dev/null; then
 fi
 
 shopt -s nullglob
-results=("$OUT"/ws-*.json "$OUT"/sse-*.json "$OUT"/sustained-*.json "$OUT"/cluster-*.json)
+results=("$OUT"/ws-*.json "$OUT"/sse-*.json "$OUT"/nchan-*.json "$OUT"/sustained-*.json "$OUT"/cluster-*.json)
 "$BIN" report "${results[@]}" --markdown docs/bench-table.md --svg docs/bench-chart.svg
 echo "wrote docs/bench-table.md and docs/bench-chart.svg"

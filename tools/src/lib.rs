@@ -7,11 +7,25 @@
 pub struct ChunkedSse {
     raw: Vec<u8>,
     body: Vec<u8>,
+    /// The body is not chunked (a stream that ends with the connection, as nchan sends it).
+    plain: bool,
 }
 
 impl ChunkedSse {
+    /// A decoder for an SSE body sent without chunked framing.
+    pub fn plain() -> ChunkedSse {
+        ChunkedSse {
+            plain: true,
+            ..ChunkedSse::default()
+        }
+    }
+
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.raw.extend_from_slice(bytes);
+        if self.plain {
+            self.body.extend_from_slice(bytes);
+        } else {
+            self.raw.extend_from_slice(bytes);
+        }
     }
 
     /// Blocks (the text up to a blank line) completed so far.

@@ -96,6 +96,13 @@ struct RunArgs {
     /// Worker binary to start (default: `wavelog-worker` next to this binary).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
+    /// Measure nchan (nginx with its pub/sub module) instead of the worker, as a reference:
+    /// the same subscribers on its `/sub` endpoint, publishes to its `/pub` endpoint.
+    #[arg(long)]
+    nchan: bool,
+    /// nginx for `--nchan` (with `libnginx-mod-nchan` installed).
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx_bin: PathBuf,
     /// Worker nodes to start; more than one means cluster mode (needs --redis-url).
     #[arg(long, default_value_t = 1)]
     nodes: usize,
@@ -311,6 +318,85 @@ async fn try_start_node(args: &RunArgs, secret: &str, index: usize) -> Result<No
     }
 }
 
+/// nginx with the nchan module, started for a reference run; stopped on drop.
+struct Nchan {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Nchan {
+    /// Two worker processes (one per core, as nginx's `auto` would pick here), each allowed
+    /// what one process may hold; subscribers on `/sub?topic=T`, publishes to `/pub?topic=T`.
+    async fn start(nginx: &Path) -> Result<Nchan, String> {
+        let port = free_port().map_err(|e| e.to_string())?;
+        let dir = std::env::temp_dir().join(format!("fanout-bench-nchan-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logs")).map_err(|e| e.to_string())?;
+        let module = "/usr/lib/nginx/modules/ngx_nchan_module.so";
+        if !Path::new(module).exists() {
+            return Err(format!(
+                "{module} is missing: apt-get install libnginx-mod-nchan"
+            ));
+        }
+        let conf = format!(
+            "load_module {module};\nworker_processes 2;\nworker_rlimit_nofile 19000;\n\
+             error_log {dir}/logs/error.log warn;\npid {dir}/nginx.pid;\n\
+             events {{ worker_connections 18000; }}\n\
+             http {{\n  access_log off;\n  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n\
+             location = /sub {{ nchan_subscriber websocket eventsource; nchan_channel_id $arg_topic; }}\n\
+             location = /pub {{ nchan_publisher; nchan_channel_id $arg_topic; }}\n  }}\n}}\n",
+            dir = dir.display()
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).map_err(|e| e.to_string())?;
+        let child = Command::new(nginx)
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(&dir)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", nginx.display()))?;
+        let nchan = Nchan {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while nchan.pids().len() < 3 || TcpStream::connect(nchan.addr).await.is_err() {
+            if Instant::now() > deadline {
+                return Err("nginx with nchan did not start".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(nchan)
+    }
+
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
+        let master = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        std::iter::once(master)
+            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+            .collect()
+    }
+}
+
+impl Drop for Nchan {
+    fn drop(&mut self) {
+        let workers: Vec<u32> = self.pids().into_iter().skip(1).collect();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in workers {
+            // SAFETY: signals a worker of ours, read from /proc a moment ago.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// One HTTP/1.1 request on a fresh connection (setup only, not the measured path).
 async fn http_once(
     addr: SocketAddr,
@@ -377,20 +463,31 @@ async fn run(args: RunArgs) -> Result<Value, String> {
     if args.nodes > 1 && args.redis_url.is_none() {
         return Err("--nodes > 1 needs --redis-url".into());
     }
+    if args.nchan && (args.nodes > 1 || args.processes > 1) {
+        return Err("--nchan runs one nginx and one tool process".into());
+    }
     let secret = format!(
         "bench-secret-{:016x}-{:016x}",
         std::process::id(),
         Instant::now().elapsed().as_nanos()
     );
     let mut nodes = Vec::new();
-    for i in 0..args.nodes.max(1) {
-        nodes.push(start_node(&args, &secret, i).await?);
+    let mut nchan = None;
+    if args.nchan {
+        nchan = Some(Nchan::start(&args.nginx_bin).await?);
+    } else {
+        for i in 0..args.nodes.max(1) {
+            nodes.push(start_node(&args, &secret, i).await?);
+        }
     }
-    let pids: Vec<u32> = nodes.iter().map(|n| n.child.id()).collect();
+    let pids: Vec<u32> = match &nchan {
+        Some(n) => n.pids(),
+        None => nodes.iter().map(|n| n.child.id()).collect(),
+    };
     let topics: Vec<String> = (0..args.topics.max(1))
         .map(|i| format!("bench.{i}"))
         .collect();
-    for t in &topics {
+    for t in topics.iter().filter(|_| nchan.is_none()) {
         let body = json!({"topic": t, "meta": {"require_token": true}}).to_string();
         let (status, _) = http_once(
             nodes[0].internal,
@@ -404,8 +501,10 @@ async fn run(args: RunArgs) -> Result<Value, String> {
             return Err(format!("register {t}: HTTP {status}"));
         }
     }
-    let publish_node = nodes[0].internal;
-    let publics: Vec<SocketAddr> = nodes.iter().map(|n| n.public).collect();
+    let (publish_node, publics) = match &nchan {
+        Some(n) => (n.addr, vec![n.addr]),
+        None => (nodes[0].internal, nodes.iter().map(|n| n.public).collect()),
+    };
     let self_pid = std::process::id();
 
     // Expected per topic: events i with i % K == topic.
@@ -430,6 +529,7 @@ async fn run(args: RunArgs) -> Result<Value, String> {
         expected: expected.clone(),
         connect_concurrency: args.connect_concurrency,
         range: (0, args.connections),
+        nchan: args.nchan,
     };
     let mut handles = Vec::new();
     let mut helpers = Vec::new();
@@ -475,6 +575,7 @@ async fn run(args: RunArgs) -> Result<Value, String> {
         helper.finish()?;
     }
     drop(nodes);
+    drop(nchan);
     let received = shared.deliveries.load(Ordering::Acquire);
     let expected_deliveries: u64 = (0..connected).map(|i| expected[i % k]).sum();
     let lost = expected_deliveries.saturating_sub(received);
@@ -494,7 +595,8 @@ async fn run(args: RunArgs) -> Result<Value, String> {
         (tool_after.cpu_ns.saturating_sub(tool_before.cpu_ns) + helpers_cpu_ns) as f64 / 1e9;
     let label = args.label.clone().unwrap_or_else(|| {
         format!(
-            "{} {}x{}t{}",
+            "{}{} {}x{}t{}",
+            if args.nchan { "nchan " } else { "" },
             match args.transport {
                 Transport::Ws => "ws",
                 Transport::Sse => "sse",
@@ -577,6 +679,9 @@ struct Plan {
     connect_concurrency: usize,
     /// Subscriber indices `[start, end)` to open.
     range: (usize, usize),
+    /// The server is nchan: its endpoints, no tokens.
+    #[serde(default)]
+    nchan: bool,
 }
 
 /// Spawns the plan's subscribers; subscriber `i` always gets the same topic, token, server
@@ -611,6 +716,7 @@ fn spawn_subscribers(plan: &Plan, shared: Arc<Shared>) -> Vec<tokio::task::JoinH
                 token,
                 expect: plan.expected[i % k],
                 events: plan.events,
+                nchan: plan.nchan,
             };
             tokio::spawn(sub.run())
         })
@@ -874,7 +980,7 @@ async fn publish_all(
     for _ in 0..args.in_flight.max(1) {
         let (next, sent) = (next.clone(), sent.clone());
         let (secret, pad, topics) = (secret.to_string(), pad.clone(), topics.to_vec());
-        let (events, rate) = (args.events, args.rate);
+        let (events, rate, nchan) = (args.events, args.rate, args.nchan);
         tasks.push(tokio::spawn(async move {
             let stream = TcpStream::connect(internal).await.map_err(|e| e.to_string())?;
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -891,14 +997,25 @@ async fn publish_all(
                     "{{\"topic\":\"{}\",\"payload\":{{\"seq\":{i},\"t\":{t},\"pad\":\"{pad}\"}}}}",
                     topics[i % topics.len()]
                 );
-                let req = format!(
-                    "POST /internal/publish HTTP/1.1\r\nHost: bench\r\nX-Worker-Secret: {secret}\r\n\
-                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
+                let req = if nchan {
+                    // nchan takes the payload itself, the channel in the URL.
+                    let payload = format!("{{\"seq\":{i},\"t\":{t},\"pad\":\"{pad}\"}}");
+                    format!(
+                        "POST /pub?topic={} HTTP/1.1\r\nHost: bench\r\n\
+                         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+                        topics[i % topics.len()],
+                        payload.len()
+                    )
+                } else {
+                    format!(
+                        "POST /internal/publish HTTP/1.1\r\nHost: bench\r\nX-Worker-Secret: {secret}\r\n\
+                         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
                 conn.get_mut().write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
                 let status = read_response(&mut conn).await?;
-                if status != 200 {
+                if !(200..=202).contains(&status) {
                     return Err(format!("publish {i}: HTTP {status}"));
                 }
                 sent.fetch_add(1, Ordering::AcqRel);
@@ -950,6 +1067,8 @@ struct Subscriber {
     /// Events this subscriber's topic gets.
     expect: u64,
     events: usize,
+    /// The server is nchan: `/sub`, no auth frame, a plain SSE body.
+    nchan: bool,
 }
 
 /// Per-subscriber bookkeeping of what arrived.
@@ -1097,7 +1216,8 @@ impl Subscriber {
         seen: &mut Seen,
     ) -> Result<(), String> {
         let io = |e: std::io::Error| e.to_string();
-        let req = ws_upgrade_request(&format!("/ws?topic={}", self.topic));
+        let path = if self.nchan { "sub" } else { "ws" };
+        let req = ws_upgrade_request(&format!("/{path}?topic={}", self.topic));
         stream.write_all(req.as_bytes()).await.map_err(io)?;
         let mut buf = vec![0u8; READ_BUF];
         let mut head = Vec::new();
@@ -1115,14 +1235,20 @@ impl Subscriber {
                 break head[end + 4..].to_vec();
             }
         };
-        let auth = json!({"type": "auth", "token": self.token}).to_string();
-        stream
-            .write_all(&ws_client_frame(1, auth.as_bytes()))
-            .await
-            .map_err(io)?;
+        let mut permit = Some(permit);
+        if self.nchan {
+            // No auth: subscribed with the upgrade.
+            drop(permit.take());
+            self.shared.connected.fetch_add(1, Ordering::AcqRel);
+        } else {
+            let auth = json!({"type": "auth", "token": self.token}).to_string();
+            stream
+                .write_all(&ws_client_frame(1, auth.as_bytes()))
+                .await
+                .map_err(io)?;
+        }
         let mut frames = WsFrames::default();
         frames.feed(&rest);
-        let mut permit = Some(permit);
         let mut stop = self.shared.stop.clone();
         loop {
             while let Some((opcode, payload)) = frames.next_frame() {
@@ -1167,15 +1293,26 @@ impl Subscriber {
         permit: tokio::sync::OwnedSemaphorePermit,
         seen: &mut Seen,
     ) -> Result<(), String> {
-        let req = format!(
-            "GET /sse?topic={}&token={} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
-            self.topic, self.token
-        );
+        let req = if self.nchan {
+            format!(
+                "GET /sub?topic={} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
+                self.topic
+            )
+        } else {
+            format!(
+                "GET /sse?topic={}&token={} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
+                self.topic, self.token
+            )
+        };
         stream
             .write_all(req.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        let mut decoder = ChunkedSse::default();
+        let mut decoder = if self.nchan {
+            ChunkedSse::plain()
+        } else {
+            ChunkedSse::default()
+        };
         let mut head = Vec::new();
         let mut buf = vec![0u8; READ_BUF];
         let mut head_done = false;
@@ -1281,19 +1418,22 @@ fn report(inputs: &[PathBuf], markdown: &Path, svg: &Path) -> Result<(), String>
         results.push(v);
     }
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let results = median_runs(results);
     let mut md = String::from(
-        "| scenario | conns | topics | CPU µs/delivery | CPU µs/conn | RSS KiB/conn | connects/s | idle % core | deliveries/s | p50 µs | p99 µs | p999 µs | max µs | lost | tool CPU s |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| scenario | conns | topics | user µs/delivery | kernel µs/delivery | user µs/conn | kernel µs/conn | RSS KiB/conn | connects/s | idle % core | deliveries/s | p50 µs | p99 µs | p999 µs | max µs | lost | tool CPU s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &results {
         let l = &r["delivery"]["latency_us"];
         md.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {:.1} |\n",
             r["label"].as_str().unwrap_or(""),
             r["connect"]["connected"],
             r["scenario"]["topics"],
-            f(&r["publish"]["server_cpu_us_per_delivery"]),
-            f(&r["connect"]["server_cpu_us_per_connection"]),
+            r["spread"]["user_delivery"].as_str().unwrap_or(""),
+            r["spread"]["kernel_delivery"].as_str().unwrap_or(""),
+            r["spread"]["user_connection"].as_str().unwrap_or(""),
+            r["spread"]["kernel_connection"].as_str().unwrap_or(""),
             f(&r["connect"]["rss_kib_per_connection"]),
             f(&r["connect"]["per_second"]),
             f(&r["idle"]["server_core_percent"]),
@@ -1311,6 +1451,50 @@ fn report(inputs: &[PathBuf], markdown: &Path, svg: &Path) -> Result<(), String>
     Ok(())
 }
 
+/// Results with the same label are repeated runs of one scenario: each becomes its median run
+/// (by user CPU per delivery), with the user and kernel figures of all runs as `min-max` in
+/// `spread` (a single run gives its own figure).
+fn median_runs(results: Vec<Value>) -> Vec<Value> {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let mut groups: Vec<(String, Vec<Value>)> = Vec::new();
+    for r in results {
+        let label = r["label"].as_str().unwrap_or("").to_string();
+        match groups.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, runs)) => runs.push(r),
+            None => groups.push((label, vec![r])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(_, mut runs)| {
+            runs.sort_by(|a, b| {
+                f(&a["publish"]["server_user_us_per_delivery"])
+                    .total_cmp(&f(&b["publish"]["server_user_us_per_delivery"]))
+            });
+            let range = |section: &str, key: &str, digits: usize| {
+                let values: Vec<f64> = runs.iter().map(|r| f(&r[section][key])).collect();
+                let (lo, hi) = values
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+                if values.len() < 2 || (hi - lo).abs() < 1e-9 {
+                    format!("{lo:.digits$}")
+                } else {
+                    format!("{lo:.digits$}-{hi:.digits$}")
+                }
+            };
+            let spread = json!({
+                "user_delivery": range("publish", "server_user_us_per_delivery", 2),
+                "kernel_delivery": range("publish", "server_kernel_us_per_delivery", 2),
+                "user_connection": range("connect", "server_user_us_per_connection", 1),
+                "kernel_connection": range("connect", "server_kernel_us_per_connection", 1),
+            });
+            let mut median = runs.swap_remove(runs.len() / 2);
+            median["spread"] = spread;
+            median
+        })
+        .collect()
+}
+
 /// Two panels: latency percentiles (log scale) and server CPU per delivery, per scenario.
 fn chart(results: &[Value]) -> String {
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
@@ -1324,7 +1508,7 @@ fn chart(results: &[Value]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"{label_w}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">Publish-to-receive latency (µs, log scale): p50 / p99 / p999</text>\n\
-         <text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">Server CPU µs per delivery</text>\n",
+         <text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">Server CPU µs per delivery: user / kernel</text>\n",
         label_w + panel_w + 30.0
     );
     let max_lat = results
@@ -1335,7 +1519,10 @@ fn chart(results: &[Value]) -> String {
     let x_lat = |v: f64| label_w + panel_w * (v.max(1.0).log10() / log_max);
     let max_cpu = results
         .iter()
-        .map(|r| f(&r["publish"]["server_cpu_us_per_delivery"]))
+        .map(|r| {
+            f(&r["publish"]["server_user_us_per_delivery"])
+                + f(&r["publish"]["server_kernel_us_per_delivery"])
+        })
         .fold(1.0, f64::max);
     let cpu_left = label_w + panel_w + 30.0;
     let x_cpu = |v: f64| cpu_left + panel_w * 0.85 * (v / max_cpu);
@@ -1371,17 +1558,25 @@ fn chart(results: &[Value]) -> String {
                 l[key]
             ));
         }
-        let cpu = f(&r["publish"]["server_cpu_us_per_delivery"]);
+        // User time first (dark), kernel time after it (light): the part that is ours, then
+        // the system calls' share.
+        let user = f(&r["publish"]["server_user_us_per_delivery"]);
+        let kernel = f(&r["publish"]["server_kernel_us_per_delivery"]);
+        let (x_user, x_total) = (x_cpu(user), x_cpu(user + kernel));
         s.push_str(&format!(
-            "<rect x=\"{cpu_left}\" y=\"{}\" width=\"{}\" height=\"14\" fill=\"#5aae61\"/><text x=\"{}\" y=\"{}\">{cpu:.2}</text>\n",
+            "<rect x=\"{cpu_left}\" y=\"{}\" width=\"{}\" height=\"14\" fill=\"#1b7837\"><title>user {user:.2} µs</title></rect>\n\
+             <rect x=\"{x_user}\" y=\"{}\" width=\"{}\" height=\"14\" fill=\"#a6dba0\"><title>kernel {kernel:.2} µs</title></rect>\n\
+             <text x=\"{}\" y=\"{}\">{user:.2} / {kernel:.2}</text>\n",
             y + 3.0,
-            (x_cpu(cpu) - cpu_left).max(1.0),
-            x_cpu(cpu) + 4.0,
+            (x_user - cpu_left).max(1.0),
+            y + 3.0,
+            (x_total - x_user).max(1.0),
+            x_total + 4.0,
             y + 15.0
         ));
     }
     s.push_str(&format!(
-        "<text x=\"{label_w}\" y=\"{}\" fill=\"#555\">blue p50, red p99, light p999</text>\n</svg>\n",
+        "<text x=\"{label_w}\" y=\"{}\" fill=\"#555\">blue p50, red p99, light p999; CPU: dark user, light kernel</text>\n</svg>\n",
         h - 12.0
     ));
     s
