@@ -178,8 +178,9 @@ struct Topic {
 /// are local it was measured slower than the sessions' own writes (docs/benchmarks.md).
 const DIRECT_WALK_MAX: usize = 4096;
 
-/// How many subscribers ahead of the one being written a walk prefetches.
-const PREFETCH_AHEAD: usize = 4;
+/// How many subscribers ahead of the one being written a walk prefetches. One: each send in
+/// between is kernel work that pushes older lines out of the nearest caches.
+const PREFETCH_AHEAD: usize = 1;
 
 /// Ids in cluster mode: the cluster-wide sequence from Redis times this, so that events from
 /// nodes that assign no id (the Go worker) can be numbered locally in between (`S.k`).

@@ -88,10 +88,12 @@ impl State {
         !self.held && !empty
     }
 
+    /// Wakes the session. The waker stays: the session's next wait finds it in place and
+    /// doesn't clone another.
     fn wake(&mut self) {
         if !self.held {
-            if let Some(waker) = self.waker.take() {
-                waker.wake();
+            if let Some(waker) = &self.waker {
+                waker.wake_by_ref();
             }
         }
     }
@@ -389,13 +391,17 @@ impl Outlet {
 /// would block here makes the session's own write find out, and wait for the socket.)
 fn write_now(st: &mut State, fd: RawFd, bytes: &Bytes) {
     // SAFETY: `fd` stays open while the outlet holds its socket, and the buffer is valid for
-    // `bytes.len()` bytes.
+    // `bytes.len()` bytes. (The system call itself, not libc's `send`: that one is a thread
+    // cancellation point and pays for it on every call.)
     let sent = unsafe {
-        libc::send(
+        libc::syscall(
+            libc::SYS_sendto,
             fd,
-            bytes.as_ptr().cast(),
+            bytes.as_ptr(),
             bytes.len(),
             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            std::ptr::null::<libc::sockaddr>(),
+            0,
         )
     };
     match usize::try_from(sent) {
@@ -411,8 +417,8 @@ fn write_now(st: &mut State, fd: RawFd, bytes: &Bytes) {
     st.wake();
 }
 
-/// Asks the CPU to fetch the outlet a publish will reach a few sockets from now: the walk then
-/// finds it in cache instead of waiting for memory between sends.
+/// Asks the CPU to fetch the outlet a publish reaches next: the walk then finds it in cache
+/// after the send in between, instead of waiting for memory.
 #[inline]
 pub fn prefetch(outlet: &Arc<Outlet>) {
     #[cfg(target_arch = "x86_64")]

@@ -170,16 +170,18 @@ where
 
         loop {
             tokio::select! {
+                // Checked first: nearly every wake-up of a busy socket is this one.
+                biased;
+                _ = std::future::poll_fn(|cx| self.outlet.poll_pending(cx)) => {
+                    // Publishes found the socket full: write what waits as it drains.
+                    if let Err(end) = self.write_backlog().await {
+                        return end;
+                    }
+                }
                 _ = &mut shutdown_started, if clock.close_at.is_none() => {
                     let offset = crate::time::spread(self.conn_id, drain);
                     clock.close_at = Some(Instant::now() + offset);
                     timer.as_mut().reset(clock.earliest());
-                }
-                _ = std::future::poll_fn(|cx| self.outlet.poll_pending(cx)) => {
-                    // Publishes found the socket full: write what waits as it drains.
-                    if let Err(end) = self.flush().await {
-                        return end;
-                    }
                 }
                 next = self.ws.next() => {
                     clock.last_heard = Instant::now();
@@ -359,6 +361,15 @@ where
 
     async fn flush(&mut self) -> Result<(), End> {
         self.ws.flush().await.map_err(End::from_ws)
+    }
+
+    /// Writes what waits in the outlet straight to the socket. (tungstenite holds nothing back:
+    /// the outlet takes every write of its whole.)
+    async fn write_backlog(&mut self) -> Result<(), End> {
+        let link = self.ws.get_mut();
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut *link).poll_flush(cx))
+            .await
+            .map_err(|e| End::from_ws(e.into()))
     }
 
     async fn send(&mut self, msg: Message) -> Result<(), End> {
