@@ -178,6 +178,49 @@ struct Topic {
 /// are local it was measured slower than the sessions' own writes (docs/benchmarks.md).
 const DIRECT_WALK_MAX: usize = 4096;
 
+/// Deliveries per second above which publishes hand every event to the sessions. Under
+/// sustained load a socket often has several events waiting, and its session writes them in
+/// one `writev`; one send per event from the publisher was measured to cost twice the CPU
+/// there (docs/benchmarks.md). Sparse events gain from the direct send.
+const DIRECT_RATE_MAX: u64 = 100_000;
+
+/// The window over which the delivery rate is measured.
+const LOAD_WINDOW: Duration = Duration::from_millis(100);
+
+/// Deliveries per second over the last complete window: light load or sustained load.
+struct LoadMeter {
+    /// (window start, deliveries in it, rate of the last complete window)
+    state: Mutex<(Instant, u64, u64)>,
+}
+
+impl LoadMeter {
+    fn new() -> LoadMeter {
+        LoadMeter {
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// The rate of the last complete window (0 once a window passed with nothing).
+    fn per_second(&self, now: Instant) -> u64 {
+        let (start, _, rate) = *lock(&self.state);
+        if now.duration_since(start) > 2 * LOAD_WINDOW {
+            return 0;
+        }
+        rate
+    }
+
+    fn add(&self, n: u64, now: Instant) {
+        let mut st = lock(&self.state);
+        let elapsed = now.duration_since(st.0);
+        if elapsed >= LOAD_WINDOW {
+            let per_second = st.1 as f64 / elapsed.as_secs_f64();
+            *st = (now, n, per_second as u64);
+        } else {
+            st.1 += n;
+        }
+    }
+}
+
 /// How many subscribers ahead of the one being written a walk prefetches. One: each send in
 /// between is kernel work that pushes older lines out of the nearest caches.
 const PREFETCH_AHEAD: usize = 1;
@@ -202,6 +245,7 @@ pub struct Hub {
     /// order; ids above it (a local delivery that ran ahead of a gap still being filled) are
     /// no resume points. Unlimited standalone.
     watermark: AtomicU64,
+    load: LoadMeter,
 }
 
 /// Result of a publish.
@@ -227,6 +271,7 @@ impl Hub {
             topics: Mutex::new(HashMap::new()),
             isolated: AtomicBool::new(false),
             watermark: AtomicU64::new(u64::MAX),
+            load: LoadMeter::new(),
         })
     }
 
@@ -541,7 +586,9 @@ impl Hub {
         self.pay_resync(state, "cluster");
         let frame = Arc::new(build_frame(topic, &id, seq, payload));
         self.remember(state, &frame);
-        let write = state.subscribers.len() <= DIRECT_WALK_MAX;
+        let now = Instant::now();
+        let write = state.subscribers.len() <= DIRECT_WALK_MAX
+            && self.load.per_second(now) <= DIRECT_RATE_MAX;
         let mut receivers = 0;
         let slots = &state.subscribers.slots;
         for (i, slot) in slots.iter().enumerate() {
@@ -552,6 +599,7 @@ impl Hub {
                 receivers += usize::from(outlet.offer_event(*key, &frame, write));
             }
         }
+        self.load.add(receivers as u64, now);
         if receivers > 0 {
             // Once per walk, for every delivery of it: no clock read per subscriber.
             self.metrics
@@ -1030,6 +1078,27 @@ mod tests {
         ));
         let future = hub.format_id(1_000_000);
         assert!(matches!(resume(&hub, "t", &future).replay, Replay::Resync));
+    }
+
+    #[test]
+    fn the_load_meter_tells_sustained_load_from_sparse_events() {
+        let meter = LoadMeter::new();
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // 5 publishes of 1,000 deliveries in 100 ms: 50,000/s.
+        for i in 0..6 {
+            meter.add(1000, at(120 + 20 * i));
+        }
+        meter.add(1000, at(240));
+        assert!((40_000..=60_000).contains(&meter.per_second(at(240))));
+        // 40 publishes in the next 100 ms: 400,000/s.
+        for i in 0..40 {
+            meter.add(1000, at(241 + 2 * i));
+        }
+        meter.add(0, at(345));
+        assert!(meter.per_second(at(345)) > DIRECT_RATE_MAX);
+        // Quiet for a while: light again.
+        assert_eq!(meter.per_second(at(600)), 0);
     }
 
     #[test]
