@@ -79,13 +79,18 @@ struct State {
 
 impl State {
     fn idle(&self) -> bool {
-        !self.held && self.out.is_empty() && self.queue.is_empty()
+        !self.held && self.nothing_waits()
+    }
+
+    /// Nothing is waiting to be written. (When something is, its session was woken for it
+    /// and writes until nothing is left: a publish that adds to it wakes nobody.)
+    fn nothing_waits(&self) -> bool {
+        self.out.is_empty() && self.queue.is_empty()
     }
 
     /// Something is ready for the session to write.
     fn has_work(&self) -> bool {
-        let empty = self.out.is_empty() && self.queue.is_empty();
-        !self.held && !empty
+        !self.held && !self.nothing_waits()
     }
 
     /// Wakes the session. The waker stays: the session's next wait finds it in place and
@@ -130,12 +135,15 @@ impl Outlet {
             }
             return true;
         }
+        let was_empty = st.nothing_waits();
         st.queue.push_back(Item::Event(key, frame.clone()));
         st.queued_events += 1;
         if st.queued_events > self.capacity {
             drop_backlog(&mut st);
         }
-        st.wake();
+        if was_empty {
+            st.wake();
+        }
         true
     }
 
@@ -145,8 +153,11 @@ impl Outlet {
         if st.broken {
             return;
         }
+        let was_empty = st.nothing_waits();
         st.queue.push_back(Item::Resync(topic.clone()));
-        st.wake();
+        if was_empty {
+            st.wake();
+        }
     }
 
     /// Publishes queue (unwritten, unannounced) until `release`: a subscription taken now has
