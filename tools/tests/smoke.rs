@@ -94,3 +94,58 @@ fn fanout_bench_smoke_run_loses_nothing() {
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The nchan reference runs with the same tool (`--nchan`): the same subscribers on nchan's
+/// endpoints lose nothing, and the run is labelled as nchan's.
+#[test]
+fn fanout_bench_measures_nchan_with_the_same_subscribers() {
+    let module = "/usr/lib/nginx/modules/ngx_nchan_module.so";
+    if !std::path::Path::new(module).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{module} is required under CI (.ci/run installs libnginx-mod-nchan)"
+        );
+        eprintln!("skipped: {module} is missing (apt-get install libnginx-mod-nchan)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("wavelog-tools-nchan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for transport in ["ws", "sse"] {
+        let json = dir.join(format!("{transport}.json"));
+        let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
+            .args(["run", "--nchan", "--connections", "100", "--topics", "2"])
+            .args(["--transport", transport, "--events", "20", "--rate", "200"])
+            .args(["--idle-secs", "0.2", "--require-no-loss", "--json"])
+            .arg(&json)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(r["connect"]["connected"], 100);
+        assert_eq!(r["delivery"]["received"], 1000);
+        assert_eq!(r["delivery"]["lost"], 0);
+        assert_eq!(r["label"], format!("nchan {transport} 100x2t"));
+    }
+    // Two runs under one label are one row, with the range of their CPU figures.
+    let md = dir.join("t.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
+        .arg("report")
+        .arg(dir.join("ws.json"))
+        .arg(dir.join("ws.json"))
+        .arg(dir.join("sse.json"))
+        .arg("--markdown")
+        .arg(&md)
+        .arg("--svg")
+        .arg(dir.join("c.svg"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(std::fs::read_to_string(&md).unwrap().lines().count(), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
