@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use wavelog_worker::hub::{HistoryLimits, Hub, Replay};
+use wavelog_worker::hub::{HistoryLimits, Hub, Outlet, Replay, Wire};
 use wavelog_worker::metrics::Metrics;
 use wavelog_worker::admission::cursor_ids;
 
@@ -16,12 +16,13 @@ fuzz_target!(|data: &[u8]| {
     };
     let limits = HistoryLimits { size: 8, ttl: Duration::from_secs(60), max_bytes: 1 << 16 };
     for scale in [1, wavelog_worker::hub::CLUSTER_SCALE] {
-        let hub = Hub::new(4, limits, Arc::new(Metrics::default()), scale);
+        let hub = Hub::new(limits, Arc::new(Metrics::default()), scale);
+        let outlet = Outlet::new(Wire::SseBody, None, 4);
         for i in 0..12 {
             hub.publish("a", &i.to_string(), None);
         }
         for id in cursor_ids(Some(text), 2).into_iter().flatten() {
-            let subscribed = hub.subscribe("a", Some(&id));
+            let subscribed = hub.subscribe("a", Some(&id), &outlet, 0);
             if let Replay::Events(events) = subscribed.replay {
                 assert!(events.len() <= 8);
                 assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
