@@ -21,6 +21,18 @@ fn worker_bin() -> PathBuf {
     bin
 }
 
+/// Runs `fanout-bench run ...` writing its result to `json`, which it returns, parsed.
+fn run_bench(cmd: &mut Command, json: &std::path::Path) -> serde_json::Value {
+    let out = cmd.arg("--json").arg(json).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
 #[test]
 fn fanout_bench_smoke_run_loses_nothing() {
     let dir = std::env::temp_dir().join(format!("wavelog-tools-smoke-{}", std::process::id()));
@@ -29,41 +41,16 @@ fn fanout_bench_smoke_run_loses_nothing() {
     // process's file limit do.
     for (transport, processes) in [("ws", "1"), ("sse", "1"), ("ws", "2")] {
         let json = dir.join(format!("{transport}-{processes}.json"));
-        let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
-            .args([
-                "run",
-                "--connections",
-                "200",
-                "--topics",
-                "3",
-                "--transport",
-                transport,
-            ])
-            .args([
-                "--events",
-                "30",
-                "--rate",
-                "300",
-                "--idle-secs",
-                "0.2",
-                "--require-no-loss",
-                "--processes",
-                processes,
-            ])
-            .arg("--worker-bin")
-            .arg(worker_bin())
-            .arg("--json")
-            .arg(&json)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let r = run_bench(
+            Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
+                .args(["run", "--connections", "200", "--topics", "3"])
+                .args(["--transport", transport, "--events", "30", "--rate", "300"])
+                .args(["--idle-secs", "0.2", "--require-no-loss"])
+                .args(["--processes", processes])
+                .arg("--worker-bin")
+                .arg(worker_bin()),
+            &json,
         );
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert_eq!(r["connect"]["connected"], 200);
         // 30 events over 3 topics, each subscriber on one topic: 10 events each.
         assert_eq!(r["delivery"]["expected"], 2000);
@@ -112,21 +99,13 @@ fn fanout_bench_measures_nchan_with_the_same_subscribers() {
     std::fs::create_dir_all(&dir).unwrap();
     for transport in ["ws", "sse"] {
         let json = dir.join(format!("{transport}.json"));
-        let out = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
-            .args(["run", "--nchan", "--connections", "100", "--topics", "2"])
-            .args(["--transport", transport, "--events", "20", "--rate", "200"])
-            .args(["--idle-secs", "0.2", "--require-no-loss", "--json"])
-            .arg(&json)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let r = run_bench(
+            Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
+                .args(["run", "--nchan", "--connections", "100", "--topics", "2"])
+                .args(["--transport", transport, "--events", "20", "--rate", "200"])
+                .args(["--idle-secs", "0.2", "--require-no-loss"]),
+            &json,
         );
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert_eq!(r["connect"]["connected"], 100);
         assert_eq!(r["delivery"]["received"], 1000);
         assert_eq!(r["delivery"]["lost"], 0);
