@@ -136,8 +136,6 @@ struct Coalesce {
 }
 
 struct TopicState {
-    /// The topic's name (also in [`Topic`]), for the `resync` frames sent under this lock.
-    name: Arc<str>,
     /// Every subscriber's outlet, with the key its session knows the topic by.
     subscribers: Slots,
     history: VecDeque<Frame>,
@@ -394,7 +392,7 @@ impl Hub {
             for (i, topic) in owed.iter().enumerate() {
                 tokio::time::sleep_until(start + offset + step * i as u32).await;
                 let mut state = lock(&topic.state);
-                hub.pay_resync(&mut state, "cluster");
+                hub.pay_resync(topic, &mut state, "cluster");
             }
         });
     }
@@ -408,12 +406,12 @@ impl Hub {
     }
 
     /// Sends an owed `resync`, if any.
-    fn pay_resync(&self, state: &mut TopicState, cause: &str) {
+    fn pay_resync(&self, topic: &Topic, state: &mut TopicState, cause: &str) {
         if !std::mem::take(&mut state.resync_pending) {
             return;
         }
         for (outlet, _) in state.subscribers.iter() {
-            outlet.offer_resync(&state.name);
+            outlet.offer_resync(&topic.name);
         }
         self.metrics
             .resyncs
@@ -541,7 +539,6 @@ impl Hub {
             topic_json: serde_json::to_string(&*name).unwrap_or_else(|_| "\"\"".into()),
             name: name.clone(),
             state: Mutex::new(TopicState {
-                name: name.clone(),
                 subscribers: Slots::default(),
                 history: VecDeque::new(),
                 floor: start,
@@ -576,14 +573,14 @@ impl Hub {
             let last = state.last_seq;
             state.forbid_resume_through(last);
             state.resync_pending = true;
-            self.pay_resync(state, "order");
+            self.pay_resync(topic, state, "order");
             return Published {
                 id: Some(id),
                 receivers: 0,
             };
         }
         state.last_seq = seq;
-        self.pay_resync(state, "cluster");
+        self.pay_resync(topic, state, "cluster");
         let frame = Arc::new(build_frame(topic, &id, seq, payload));
         self.remember(state, &frame);
         let now = Instant::now();

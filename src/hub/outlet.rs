@@ -118,6 +118,10 @@ impl Outlet {
         })
     }
 
+    pub fn wire(&self) -> Wire {
+        self.wire
+    }
+
     /// Publisher side: hands over one event, written at once when `write` allows and nothing
     /// waits. `false` when the socket is gone.
     pub fn offer_event(&self, key: usize, frame: &Frame, write: bool) -> bool {

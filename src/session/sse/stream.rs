@@ -26,8 +26,6 @@ use crate::AppState;
 /// One SSE client: its subscriptions, and what it writes of its own.
 pub struct EventStream {
     outlet: Arc<Outlet>,
-    /// Hyper writes this stream: events come out of `poll_next` too.
-    yields_events: bool,
     _subs: Vec<Subscription>,
     topics: Vec<Arc<str>>,
     /// When the earliest token expires, with `enforce_token_expiry`.
@@ -68,7 +66,6 @@ impl EventStream {
         );
         let mut stream = EventStream {
             outlet: outlet.clone(),
-            yields_events: wire == Wire::SseBody,
             _subs: Vec::with_capacity(n),
             topics: Vec::with_capacity(n),
             expiry: expiry.map(|at| Box::pin(tokio::time::sleep_until(at))),
@@ -139,7 +136,8 @@ impl Stream for EventStream {
             }
             this.close_at = Some(sleep);
         }
-        if this.yields_events {
+        // Hyper writes this stream: the events come out of it too.
+        if this.outlet.wire() == Wire::SseBody {
             if let Poll::Ready(chunk) = this.outlet.poll_take(cx) {
                 return Poll::Ready(Some(Ok(chunk)));
             }

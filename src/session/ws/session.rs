@@ -34,6 +34,7 @@ const MAX_SOCKET_FAILURES: u8 = 5;
 
 pub struct Session<S> {
     ws: WebSocketStream<Link<S>>,
+    /// The outlet under `ws`, kept apart so the session can wait on it while `ws` reads.
     outlet: Arc<Outlet>,
     state: Arc<AppState>,
     /// The topic of the URL, authenticated by the first frame.
