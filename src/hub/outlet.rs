@@ -197,8 +197,8 @@ impl Outlet {
         }
     }
 
-    /// Session side: ready when there is something to write (or the socket broke); otherwise
-    /// the task is woken when a publish queues something.
+    /// Ready when there is something for the session to write (or the socket broke).
+    #[cfg(test)]
     pub fn poll_pending(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut st = lock(&self.state);
         if st.broken || st.has_work() {
@@ -216,7 +216,37 @@ impl Outlet {
         W: AsyncWrite + Unpin + ?Sized,
     {
         let mut guard = lock(&self.state);
+        self.drain(cx, &mut guard, io)
+    }
+
+    /// Session side: writes what publishes left waiting, as far as the socket takes it, under
+    /// one lock. Pending once nothing waits (the task is woken when a publish queues something)
+    /// or the socket is full (woken when it drains); ready only with the error that broke it.
+    pub fn poll_backlog<W>(&self, cx: &mut Context<'_>, io: &mut W) -> Poll<io::Error>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut guard = lock(&self.state);
         let st = &mut *guard;
+        loop {
+            if !st.broken && !st.has_work() {
+                if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    st.waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            match self.drain(cx, st, io) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(e),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn drain<W>(&self, cx: &mut Context<'_>, st: &mut State, io: &mut W) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
         loop {
             if st.broken {
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
@@ -306,7 +336,11 @@ impl Outlet {
                 break;
             };
             st.queued_events = st.queued_events.saturating_sub(1);
-            let bytes = self.shared_bytes(st, &frame).cloned().unwrap_or_default();
+            // Looked at, not cloned: every subscriber's session shares these bytes, and a
+            // reference count touched from every thread would bounce between the cores.
+            let Some(bytes) = self.shared_bytes(st, &frame) else {
+                break;
+            };
             if written < bytes.len() {
                 st.out.push_back(bytes.slice(written..));
                 break;
@@ -526,6 +560,13 @@ impl<S> Link<S> {
 
     pub fn outlet(&self) -> &Arc<Outlet> {
         &self.outlet
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Link<S> {
+    /// See [`Outlet::poll_backlog`].
+    pub fn poll_backlog(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.outlet.poll_backlog(cx, &mut self.io)
     }
 }
 

@@ -183,10 +183,11 @@ fn retry<T>(
     io: &TcpStream,
     mut write: impl FnMut(&TcpStream) -> io::Result<T>,
 ) -> Poll<io::Result<T>> {
+    // The write first: it finds the socket writable nearly always, and a readiness wait
+    // registered up front would be work for nothing.
     loop {
-        ready!(io.poll_write_ready(cx))?;
         match write(io) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(io.poll_write_ready(cx))?,
             r => return Poll::Ready(r),
         }
     }

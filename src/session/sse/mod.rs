@@ -10,12 +10,17 @@
 
 mod stream;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
 
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use warp::reply::Response;
 use warp::{Filter, Reply};
@@ -24,6 +29,7 @@ use crate::admission::{self, check_origin, Request};
 use crate::hub::Link;
 use crate::metrics::Transport;
 use crate::routes::{stream_request, with_state, ApiError};
+use crate::session::Others;
 use crate::transport::http1::{self, Conn, Framing, Head};
 use crate::transport::PeerAddr;
 use crate::AppState;
@@ -92,31 +98,68 @@ pub async fn take_over(
 /// slowly falls behind and gets `resync`.
 async fn pump(conn: Conn, mut stream: EventStream) {
     let outlet = stream.outlet().clone();
+    let others = Others::new();
     let mut link = Link::new(conn, outlet.clone());
-    // An SSE client has nothing to say; reading only notices when it leaves.
+    loop {
+        let turn = std::future::poll_fn(|cx| poll_turn(cx, &mut link, &mut stream, &others)).await;
+        let chunk = match turn {
+            Turn::Gone => return,
+            Turn::Chunk(chunk) => chunk,
+        };
+        let (bytes, last) = match chunk {
+            Some(Ok(chunk)) => (outlet.frame(&chunk), false),
+            _ => (bytes::Bytes::from_static(http1::LAST_CHUNK), true),
+        };
+        if link.write_all(&bytes).await.is_err() || link.flush().await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// What woke the pump, besides publishes.
+enum Turn {
+    /// The client left, or the socket broke.
+    Gone,
+    /// A chunk of the stream's own (`None`: the stream ended).
+    Chunk(Option<Result<Bytes, Infallible>>),
+}
+
+/// One turn of the pump: the backlog first, as on `/ws` (nearly every wake-up is a publish
+/// that found the socket full, and then nothing else is polled); the stream's timers and the
+/// socket's reads only when one of them woke the task (see [`Others`]).
+fn poll_turn(
+    cx: &mut Context<'_>,
+    link: &mut Link<Conn>,
+    stream: &mut EventStream,
+    others: &Others,
+) -> Poll<Turn> {
+    if link.poll_backlog(cx).is_ready() {
+        return Poll::Ready(Turn::Gone);
+    }
+    if !others.woke(cx) {
+        return Poll::Pending;
+    }
+    let mut cx = others.context();
+    let turn = if let Poll::Ready(chunk) = stream.poll_next_unpin(&mut cx) {
+        Turn::Chunk(chunk)
+    } else if client_left(&mut cx, link).is_ready() {
+        Turn::Gone
+    } else {
+        return Poll::Pending;
+    };
+    others.poll_again();
+    Poll::Ready(turn)
+}
+
+/// An SSE client has nothing to say: reading only notices when it leaves (what it sends is
+/// dropped).
+fn client_left(cx: &mut Context<'_>, link: &mut Link<Conn>) -> Poll<()> {
     let mut discard = [0u8; 32];
     loop {
-        tokio::select! {
-            biased;
-            _ = std::future::poll_fn(|cx| outlet.poll_pending(cx)) => {
-                if link.flush().await.is_err() {
-                    return;
-                }
-            }
-            chunk = stream.next() => {
-                let (bytes, last) = match chunk {
-                    Some(Ok(chunk)) => (outlet.frame(&chunk), false),
-                    _ => (bytes::Bytes::from_static(http1::LAST_CHUNK), true),
-                };
-                if link.write_all(&bytes).await.is_err() || link.flush().await.is_err() || last {
-                    return;
-                }
-            }
-            read = link.read(&mut discard) => {
-                if !matches!(read, Ok(n) if n > 0) {
-                    return;
-                }
-            }
+        let mut buf = ReadBuf::new(&mut discard);
+        match std::task::ready!(Pin::new(&mut *link).poll_read(cx, &mut buf)) {
+            Ok(()) if !buf.filled().is_empty() => continue,
+            _ => return Poll::Ready(()),
         }
     }
 }

@@ -5,15 +5,18 @@
 //! waits in the outlet when the socket was full. Its own frames go through the same outlet.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{sleep_until, timeout, timeout_at, Instant};
-use tokio_tungstenite::tungstenite::Message;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant, Sleep};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::end::End;
@@ -22,6 +25,7 @@ use crate::hub::{Item, Link, Outlet, Subscription};
 use crate::metrics::Transport;
 use crate::protocol::{Inbound, Outbound};
 use crate::registry::STATUS_TOPIC;
+use crate::session::Others;
 use crate::status::Status;
 use crate::token::TokenError;
 use crate::AppState;
@@ -169,22 +173,27 @@ where
         let shutdown_started = shutdown.wait();
         tokio::pin!(shutdown_started);
 
+        let others = Others::new();
         loop {
-            tokio::select! {
-                // Checked first: nearly every wake-up of a busy socket is this one.
-                biased;
-                _ = std::future::poll_fn(|cx| self.outlet.poll_pending(cx)) => {
-                    // Publishes found the socket full: write what waits as it drains.
-                    if let Err(end) = self.write_backlog().await {
-                        return end;
-                    }
-                }
-                _ = &mut shutdown_started, if clock.close_at.is_none() => {
+            let watch_shutdown = clock.close_at.is_none();
+            let turn = std::future::poll_fn(|cx| {
+                self.poll_turn(
+                    cx,
+                    &others,
+                    timer.as_mut(),
+                    shutdown_started.as_mut(),
+                    watch_shutdown,
+                )
+            })
+            .await;
+            match turn {
+                Turn::Broken(e) => return End::from_ws(e.into()),
+                Turn::Shutdown => {
                     let offset = crate::time::spread(self.conn_id, drain);
                     clock.close_at = Some(Instant::now() + offset);
                     timer.as_mut().reset(clock.earliest());
                 }
-                next = self.ws.next() => {
+                Turn::Frame(next) => {
                     clock.last_heard = Instant::now();
                     if matches!(next, Some(Ok(Message::Text(_) | Message::Binary(_))))
                         && !self.budget.take(clock.last_heard)
@@ -205,7 +214,7 @@ where
                         Some(Ok(_)) => {}
                     }
                 }
-                _ = &mut timer => {
+                Turn::Timer => {
                     let now = Instant::now();
                     if clock.close_at.is_some_and(|t| now >= t) {
                         return End::Shutdown;
@@ -226,6 +235,38 @@ where
                 }
             }
         }
+    }
+
+    /// One turn of the socket's life. The backlog first: nearly every wake-up of a busy socket
+    /// is a publish that found it full, and then nothing else is polled. Shutdown, reads and
+    /// the timer (in that order) are polled when one of them woke the task: they are polled with
+    /// [`Others`]' waker, which tells their wake-ups apart.
+    fn poll_turn(
+        &mut self,
+        cx: &mut Context<'_>,
+        others: &Others,
+        timer: Pin<&mut Sleep>,
+        shutdown: Pin<&mut impl Future<Output = ()>>,
+        watch_shutdown: bool,
+    ) -> Poll<Turn> {
+        if let Poll::Ready(e) = self.ws.get_mut().poll_backlog(cx) {
+            return Poll::Ready(Turn::Broken(e));
+        }
+        if !others.woke(cx) {
+            return Poll::Pending;
+        }
+        let mut cx = others.context();
+        let turn = if watch_shutdown && shutdown.poll(&mut cx).is_ready() {
+            Turn::Shutdown
+        } else if let Poll::Ready(next) = self.ws.poll_next_unpin(&mut cx) {
+            Turn::Frame(next)
+        } else if timer.poll(&mut cx).is_ready() {
+            Turn::Timer
+        } else {
+            return Poll::Pending;
+        };
+        others.poll_again();
+        Poll::Ready(turn)
     }
 
     fn expiry_deadline(&self) -> Option<Instant> {
@@ -364,15 +405,6 @@ where
         self.ws.flush().await.map_err(End::from_ws)
     }
 
-    /// Writes what waits in the outlet straight to the socket. (tungstenite holds nothing back:
-    /// the outlet takes every write of its whole.)
-    async fn write_backlog(&mut self) -> Result<(), End> {
-        let link = self.ws.get_mut();
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut *link).poll_flush(cx))
-            .await
-            .map_err(|e| End::from_ws(e.into()))
-    }
-
     async fn send(&mut self, msg: Message) -> Result<(), End> {
         self.feed(msg).await?;
         self.flush().await
@@ -427,6 +459,15 @@ impl FrameBudget {
         self.allowance -= 1.0;
         true
     }
+}
+
+/// What woke the session, besides publishes.
+enum Turn {
+    /// Writing the backlog failed: the socket is gone.
+    Broken(std::io::Error),
+    Shutdown,
+    Frame(Option<Result<Message, WsError>>),
+    Timer,
 }
 
 /// The moments a socket must act on without any traffic.
