@@ -16,10 +16,12 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes};
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -56,9 +58,11 @@ pub struct Outlet {
     /// The socket's descriptor, when publishers may write to it themselves. A publish sends on
     /// it with one system call, touching no more of the socket than this number.
     fd: Option<RawFd>,
-    /// Keeps `fd` open for as long as the outlet lives.
-    _socket: Option<Arc<TcpStream>>,
     capacity: usize,
+    /// The session's other wake-ups (see [`Outlet::others_waker`]): next to `state`, which
+    /// every wake-up of the session touches anyway, instead of one more cold line.
+    others_rang: AtomicBool,
+    task: AtomicWaker,
     state: Mutex<State>,
 }
 
@@ -75,6 +79,9 @@ struct State {
     broken: bool,
     /// SSE with several topics: the last id of each, joined into every `id:` line.
     cursor: Vec<String>,
+    /// Keeps `fd` open until the session closes the outlet ([`Outlet::close`]), which marks
+    /// it broken first: no publish writes to the descriptor after that.
+    socket: Option<Arc<TcpStream>>,
 }
 
 impl State {
@@ -112,9 +119,13 @@ impl Outlet {
         Arc::new(Outlet {
             wire,
             fd: direct.as_ref().map(|s| s.as_raw_fd()),
-            _socket: direct,
             capacity: capacity.max(1),
-            state: Mutex::new(State::default()),
+            others_rang: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+            state: Mutex::new(State {
+                socket: direct,
+                ..State::default()
+            }),
         })
     }
 
@@ -208,6 +219,40 @@ impl Outlet {
             st.waker = Some(cx.waker().clone());
         }
         Poll::Pending
+    }
+
+    /// The waker a session gives everything but publishes: its socket's reads, its timers,
+    /// shutdown. Waking it marks the wake-up as theirs, so that a wake-up only a publish
+    /// caused (nearly all of them on a busy socket) writes the backlog and polls nothing else.
+    /// It holds the outlet, and the socket holds it (as its read waker): the session breaks
+    /// that cycle with [`Outlet::close`] ([`Link`] does on drop).
+    pub fn others_waker(self: &Arc<Self>) -> Waker {
+        Waker::from(self.clone())
+    }
+
+    /// Session side: whether its reads, timers or shutdown woke the task since they were last
+    /// all polled to pending. The task is registered first, so a wake-up in between is never
+    /// lost.
+    pub fn others_woke(&self, cx: &Context<'_>) -> bool {
+        self.task.register(cx.waker());
+        self.others_rang.swap(false, Ordering::AcqRel)
+    }
+
+    /// Session side: not all of them were polled to pending (one had something, or the
+    /// session did work of its own meanwhile): poll them all on the next turn.
+    pub fn poll_others_again(&self) {
+        self.others_rang.store(true, Ordering::Release);
+    }
+
+    /// Session side, at its end: publishes find the outlet broken from now on, and the socket
+    /// is let go.
+    pub fn close(&self) {
+        let socket = {
+            let mut st = lock(&self.state);
+            st.broken = true;
+            st.socket.take()
+        };
+        drop(socket);
     }
 
     /// Session side: writes everything waiting to `io`, in order, several buffers per call.
@@ -456,6 +501,17 @@ impl Outlet {
     }
 }
 
+impl Wake for Outlet {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.others_rang.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
 /// Writes `bytes` with one non-blocking send; whatever the socket doesn't take waits in `out`
 /// and the session is woken to write it. (tokio's cached readiness is left alone: a send that
 /// would block here makes the session's own write find out, and wait for the socket.)
@@ -560,6 +616,12 @@ impl<S> Link<S> {
 
     pub fn outlet(&self) -> &Arc<Outlet> {
         &self.outlet
+    }
+}
+
+impl<S> Drop for Link<S> {
+    fn drop(&mut self) {
+        self.outlet.close();
     }
 }
 
@@ -757,5 +819,29 @@ mod tests {
         assert_eq!(texts[0], "{\"type\":\"auth_ok\"}");
         assert_eq!(texts[1], all[0].text());
         assert_eq!(texts[2], all[1].text());
+    }
+
+    /// The socket holds the session's other waker (as its read waker), and that waker holds
+    /// the outlet: closing must let the socket go all the same, or it would never close.
+    #[tokio::test]
+    async fn a_dropped_link_lets_the_socket_go_though_its_waker_lives_on() {
+        let (ours, mut client) = pair().await;
+        let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 8);
+        let waker = outlet.others_waker();
+        let link = Link::new(crate::transport::conn::tests_conn(ours), outlet.clone());
+        drop(link);
+        let frame = &frames(1, "x")[0];
+        assert!(
+            !outlet.offer_event(0, frame, true),
+            "a closed outlet takes no events"
+        );
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(matches!(read, Ok(Ok(0))), "the socket was closed: {read:?}");
+        drop(waker);
     }
 }

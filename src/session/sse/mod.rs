@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
@@ -26,10 +26,9 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::admission::{self, check_origin, Request};
-use crate::hub::Link;
+use crate::hub::{Link, Outlet};
 use crate::metrics::Transport;
 use crate::routes::{stream_request, with_state, ApiError};
-use crate::session::Others;
 use crate::transport::http1::{self, Conn, Framing, Head};
 use crate::transport::PeerAddr;
 use crate::AppState;
@@ -98,10 +97,12 @@ pub async fn take_over(
 /// slowly falls behind and gets `resync`.
 async fn pump(conn: Conn, mut stream: EventStream) {
     let outlet = stream.outlet().clone();
-    let others = Others::new();
+    let others = outlet.others_waker();
     let mut link = Link::new(conn, outlet.clone());
     loop {
-        let turn = std::future::poll_fn(|cx| poll_turn(cx, &mut link, &mut stream, &others)).await;
+        let turn =
+            std::future::poll_fn(|cx| poll_turn(cx, &mut link, &mut stream, &outlet, &others))
+                .await;
         let chunk = match turn {
             Turn::Gone => return,
             Turn::Chunk(chunk) => chunk,
@@ -126,20 +127,21 @@ enum Turn {
 
 /// One turn of the pump: the backlog first, as on `/ws` (nearly every wake-up is a publish
 /// that found the socket full, and then nothing else is polled); the stream's timers and the
-/// socket's reads only when one of them woke the task (see [`Others`]).
+/// socket's reads only when one of them woke the task (see [`Outlet::others_waker`]).
 fn poll_turn(
     cx: &mut Context<'_>,
     link: &mut Link<Conn>,
     stream: &mut EventStream,
-    others: &Others,
+    outlet: &Outlet,
+    others: &Waker,
 ) -> Poll<Turn> {
     if link.poll_backlog(cx).is_ready() {
         return Poll::Ready(Turn::Gone);
     }
-    if !others.woke(cx) {
+    if !outlet.others_woke(cx) {
         return Poll::Pending;
     }
-    let mut cx = others.context();
+    let mut cx = Context::from_waker(others);
     let turn = if let Poll::Ready(chunk) = stream.poll_next_unpin(&mut cx) {
         Turn::Chunk(chunk)
     } else if client_left(&mut cx, link).is_ready() {
@@ -147,7 +149,7 @@ fn poll_turn(
     } else {
         return Poll::Pending;
     };
-    others.poll_again();
+    outlet.poll_others_again();
     Poll::Ready(turn)
 }
 

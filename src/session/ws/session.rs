@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,7 +25,6 @@ use crate::hub::{Item, Link, Outlet, Subscription};
 use crate::metrics::Transport;
 use crate::protocol::{Inbound, Outbound};
 use crate::registry::STATUS_TOPIC;
-use crate::session::Others;
 use crate::status::Status;
 use crate::token::TokenError;
 use crate::AppState;
@@ -173,7 +172,7 @@ where
         let shutdown_started = shutdown.wait();
         tokio::pin!(shutdown_started);
 
-        let others = Others::new();
+        let others = self.outlet.others_waker();
         loop {
             let watch_shutdown = clock.close_at.is_none();
             let turn = std::future::poll_fn(|cx| {
@@ -240,11 +239,11 @@ where
     /// One turn of the socket's life. The backlog first: nearly every wake-up of a busy socket
     /// is a publish that found it full, and then nothing else is polled. Shutdown, reads and
     /// the timer (in that order) are polled when one of them woke the task: they are polled with
-    /// [`Others`]' waker, which tells their wake-ups apart.
+    /// the outlet's other waker, which tells their wake-ups apart.
     fn poll_turn(
         &mut self,
         cx: &mut Context<'_>,
-        others: &Others,
+        others: &Waker,
         timer: Pin<&mut Sleep>,
         shutdown: Pin<&mut impl Future<Output = ()>>,
         watch_shutdown: bool,
@@ -252,10 +251,10 @@ where
         if let Poll::Ready(e) = self.ws.get_mut().poll_backlog(cx) {
             return Poll::Ready(Turn::Broken(e));
         }
-        if !others.woke(cx) {
+        if !self.outlet.others_woke(cx) {
             return Poll::Pending;
         }
-        let mut cx = others.context();
+        let mut cx = Context::from_waker(others);
         let turn = if watch_shutdown && shutdown.poll(&mut cx).is_ready() {
             Turn::Shutdown
         } else if let Poll::Ready(next) = self.ws.poll_next_unpin(&mut cx) {
@@ -265,7 +264,7 @@ where
         } else {
             return Poll::Pending;
         };
-        others.poll_again();
+        self.outlet.poll_others_again();
         Poll::Ready(turn)
     }
 
