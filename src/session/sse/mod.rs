@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
@@ -109,7 +108,7 @@ async fn pump(conn: Conn, mut stream: EventStream) {
         };
         let (bytes, last) = match chunk {
             Some(Ok(chunk)) => (outlet.frame(&chunk), false),
-            _ => (bytes::Bytes::from_static(http1::LAST_CHUNK), true),
+            _ => (Bytes::from_static(http1::LAST_CHUNK), true),
         };
         if link.write_all(&bytes).await.is_err() || link.flush().await.is_err() || last {
             return;
