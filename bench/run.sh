@@ -38,14 +38,14 @@ for n in "${sizes[@]}"; do
 done
 
 # 10,000 subscribers at 50 events/s: the user/kernel split, each scenario $runs times (the
-# report shows the spread), the worker and nchan alternating. 1,000,000 deliveries (one topic)
-# and 400,000 (ten) per run: the kernel splits CPU time into user and kernel by sampling at its
-# clock tick, and fewer deliveries left that split a tenth of a microsecond apart between runs
-# of one build.
+# report shows the spread), the worker and nchan alternating. 1,000,000 deliveries per run (100
+# events to one topic, 1,000 to ten): the kernel splits CPU time into user and kernel by
+# sampling at its clock tick, and fewer deliveries left that split a tenth of a microsecond
+# apart between runs of one build.
 for run in $(seq "$runs"); do
   for transport in ws sse; do
     for topics in 1 10; do
-      events=$(( topics == 1 ? 100 : 400 ))
+      events=$(( topics == 1 ? 100 : 1000 ))
       args=(--connections 10000 --topics "$topics" --transport "$transport" --events "$events")
       one "$transport 10000x${topics}t" "${transport}-10000-${topics}-r$run" "${args[@]}"
       if [ ${#nchan[@]} -gt 0 ]; then
