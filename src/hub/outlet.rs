@@ -516,8 +516,9 @@ impl Wake for Outlet {
 /// and the session is woken to write it. (tokio's cached readiness is left alone: a send that
 /// would block here makes the session's own write find out, and wait for the socket.)
 fn write_now(st: &mut State, fd: RawFd, bytes: &Bytes) {
-    // SAFETY: `fd` stays open while the outlet holds its socket, and the buffer is valid for
-    // `bytes.len()` bytes. (The system call itself, not libc's `send`: that one is a thread
+    // SAFETY: `fd` is open while the outlet is not broken (the caller holds the lock and
+    // checked; `close` marks it broken under that lock before letting the socket go), and the
+    // buffer is valid for `bytes.len()` bytes. (The system call itself, not libc's `send`: that one is a thread
     // cancellation point and pays for it on every call.)
     let sent = unsafe {
         libc::syscall(

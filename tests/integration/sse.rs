@@ -363,3 +363,22 @@ async fn several_topics_on_one_websocket() {
     );
     assert_silent(&mut ws, Duration::from_millis(200)).await;
 }
+
+#[tokio::test]
+async fn shutdown_ends_an_sse_stream_within_the_drain_not_at_its_next_keepalive() {
+    // The keepalive (15 s by default) is the stream's only other wake-up: the shutdown must
+    // reach the stream without it.
+    let t = start("shutdown_drain = \"500ms\"").await;
+    register(&t, "qso.1", true).await;
+    let path = sse_path("qso.1", &token_for("qso.1", 1, 60));
+    let mut sse = SseClient::connect(t.public, &path, &[]).await.unwrap();
+    assert_eq!(
+        sse.next_block().await.unwrap().event.as_deref(),
+        Some("position")
+    );
+    tokio::time::timeout(Duration::from_secs(10), t.worker.shutdown())
+        .await
+        .expect("shutdown finishes");
+    // Within 5 s (the client's read limit), not at the keepalive 15 s away.
+    assert!(sse.next_block().await.is_none(), "the stream ended");
+}

@@ -74,7 +74,9 @@ impl EventStream {
                 Instant::now() + cfg.sse_keepalive,
                 cfg.sse_keepalive,
             ),
-            shutdown: WatchStream::new(state.shutdown.receiver()),
+            // Changes only: a stream that yields the current value first (`false`) would have
+            // nothing registered for the change until something else woke the stream.
+            shutdown: WatchStream::from_changes(state.shutdown.receiver()),
             close_at: None,
             drain_delay: spread(state.next_conn_id(), cfg.shutdown_drain),
             client: admitted.client,
@@ -84,6 +86,9 @@ impl EventStream {
             _gauge: state.metrics.open(Transport::Sse),
             _permit: admitted.permit,
         };
+        if state.shutdown.is_down() {
+            stream.close_at = Some(Box::pin(tokio::time::sleep(stream.drain_delay)));
+        }
         // Held while subscribing: events published meanwhile go out after the replay.
         outlet.hold();
         let mut cursor = Vec::with_capacity(n);
