@@ -4,7 +4,6 @@
 //! [`Outlet`]; the session's one task reads, pings, keeps deadlines, and writes only what
 //! waits in the outlet when the socket was full. Its own frames go through the same outlet.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -45,9 +44,7 @@ pub struct Session<S> {
     client: IpAddr,
     conn_id: u64,
     last_status: Option<Instant>,
-    subs: HashMap<Arc<str>, Subscription>,
-    /// Token expiry per subscribed topic (unix seconds), for `enforce_token_expiry`.
-    expiries: HashMap<Arc<str>, i64>,
+    topics: Topics,
     budget: FrameBudget,
     failures: u8,
 }
@@ -65,8 +62,7 @@ where
             client: pending.client,
             ws,
             last_status: None,
-            subs: HashMap::new(),
-            expiries: HashMap::new(),
+            topics: Topics::default(),
             budget: FrameBudget::new(
                 state.config.inbound_frame_burst,
                 state.config.inbound_frames_per_second,
@@ -269,7 +265,7 @@ where
     }
 
     fn expiry_deadline(&self) -> Option<Instant> {
-        crate::session::expiry_deadline(&self.state, self.expiries.values().copied())
+        crate::session::expiry_deadline(&self.state, self.topics.expiries())
     }
 
     /// Subscribes under the hub's topic lock, with the outlet held meanwhile, so the
@@ -284,16 +280,13 @@ where
             self.state
                 .hub
                 .subscribe(&granted.topic, granted.resume.as_deref(), &self.outlet, 0);
-        let key = subscribed.subscription.topic().clone();
+        let key = subscribed.subscription.topic();
         let ack = ack(&granted.topic, &subscribed.position).to_text();
         let preface = std::iter::once(Item::Own(self.outlet.frame(ack.as_bytes())))
-            .chain(subscribed.replay.into_items(0, &key))
+            .chain(subscribed.replay.into_items(0, key))
             .collect();
         self.outlet.release(preface);
-        if let Some(expires) = granted.expires {
-            self.expiries.insert(key.clone(), expires);
-        }
-        self.subs.insert(key, subscribed.subscription);
+        self.topics.add(subscribed.subscription, granted.expires);
     }
 
     /// Handles a text frame after auth: subscribe/unsubscribe, token refresh, status requests.
@@ -307,8 +300,7 @@ where
                 last_event_id,
             }) => self.subscribe(topic, token, last_event_id).await,
             Some(Inbound::Unsubscribe { topic }) => {
-                self.subs.remove(topic.as_str());
-                self.expiries.remove(topic.as_str());
+                self.topics.remove(&topic);
                 let frame = Outbound::Unsubscribed { topic: &topic };
                 self.send(Message::text(frame.to_text())).await
             }
@@ -331,17 +323,17 @@ where
     /// this socket doesn't hold, closes the socket.
     async fn refresh(&mut self, topic: Option<String>, token: String) -> Result<(), End> {
         let topic = topic.unwrap_or_else(|| self.topic.clone());
-        let Some(key) = self.subs.keys().find(|k| ***k == *topic).cloned() else {
+        if !self.topics.holds(&topic) {
             return Err(End::denied(Denied::Unauthorized(TokenError::WrongTopic)));
-        };
+        }
         let grant = admission::regrant(&self.state, self.client, &topic, &token)
             .await
             .map_err(|denied| End::Refused {
                 code: "unauthorized",
                 message: denied.message(),
             })?;
-        if let Some(expires) = grant.expires {
-            self.expiries.insert(key, expires);
+        if let (Some(expires), Some(held)) = (grant.expires, self.topics.get_mut(&topic)) {
+            held.expires = Some(expires);
         }
         let ok = Outbound::AuthOk {
             topic: &topic,
@@ -358,12 +350,12 @@ where
         token: String,
         resume: Option<String>,
     ) -> Result<(), End> {
-        let subs = &self.subs;
+        let topics = &self.topics;
         let admitted = admission::admit_more(
             &self.state,
             self.client,
-            subs.len(),
-            |t| subs.contains_key(t),
+            topics.len(),
+            |t| topics.holds(t),
             &topic,
             &token,
         )
@@ -424,6 +416,54 @@ where
             })
             .await;
         }
+    }
+}
+
+/// The socket's subscriptions. A page holds one topic or a handful
+/// (`max_topics_per_connection`): one short list, not two hash maps with a table each.
+#[derive(Default)]
+struct Topics(Vec<Held>);
+
+struct Held {
+    subscription: Subscription,
+    /// Token expiry (unix seconds), for `enforce_token_expiry`.
+    expires: Option<i64>,
+}
+
+impl Topics {
+    /// Adds a topic the socket doesn't hold (admission refuses one it holds).
+    fn add(&mut self, subscription: Subscription, expires: Option<i64>) {
+        // Room for the one topic nearly every socket holds, not the four a `Vec` starts with.
+        self.0.reserve_exact(1);
+        self.0.push(Held {
+            subscription,
+            expires,
+        });
+    }
+
+    fn get_mut(&mut self, topic: &str) -> Option<&mut Held> {
+        self.0
+            .iter_mut()
+            .find(|held| **held.subscription.topic() == *topic)
+    }
+
+    fn holds(&self, topic: &str) -> bool {
+        self.0
+            .iter()
+            .any(|held| **held.subscription.topic() == *topic)
+    }
+
+    /// Unsubscribes (dropping the subscription leaves the topic).
+    fn remove(&mut self, topic: &str) {
+        self.0.retain(|held| **held.subscription.topic() != *topic);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn expiries(&self) -> impl Iterator<Item = i64> + '_ {
+        self.0.iter().filter_map(|held| held.expires)
     }
 }
 
