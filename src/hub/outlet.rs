@@ -230,18 +230,27 @@ impl Outlet {
         Waker::from(self.clone())
     }
 
-    /// Session side: whether its reads, timers or shutdown woke the task since they were last
-    /// all polled to pending. The task is registered first, so a wake-up in between is never
-    /// lost.
-    pub fn others_woke(&self, cx: &Context<'_>) -> bool {
+    /// Session side: polls its reads, timers and shutdown (`poll`, given a context with
+    /// `others`, the outlet's [`Outlet::others_waker`]) only when one of them woke the task
+    /// since they were last all polled to pending. The task is registered before the flag is
+    /// read, so a wake-up in between is never lost; when `poll` yields, they are all polled
+    /// again on the next turn (another may have something too, and the session then does work
+    /// of its own).
+    pub fn poll_others<T>(
+        &self,
+        cx: &Context<'_>,
+        others: &Waker,
+        poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
         self.task.register(cx.waker());
-        self.others_rang.swap(false, Ordering::AcqRel)
-    }
-
-    /// Session side: not all of them were polled to pending (one had something, or the
-    /// session did work of its own meanwhile): poll them all on the next turn.
-    pub fn poll_others_again(&self) {
-        self.others_rang.store(true, Ordering::Release);
+        if !self.others_rang.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let polled = poll(&mut Context::from_waker(others));
+        if polled.is_ready() {
+            self.others_rang.store(true, Ordering::Release);
+        }
+        polled
     }
 
     /// Session side, at its end: publishes find the outlet broken from now on, and the socket
@@ -273,19 +282,18 @@ impl Outlet {
     {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        loop {
-            if !st.broken && !st.has_work() {
-                if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    st.waker = Some(cx.waker().clone());
-                }
-                return Poll::Pending;
-            }
+        if st.broken || st.has_work() {
+            // Drained to the end, nothing is left to do until the next publish.
             match self.drain(cx, st, io) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(e),
                 Poll::Pending => return Poll::Pending,
             }
         }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     fn drain<W>(&self, cx: &mut Context<'_>, st: &mut State, io: &mut W) -> Poll<io::Result<()>>

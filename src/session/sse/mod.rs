@@ -10,7 +10,6 @@
 
 mod stream;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -102,13 +101,10 @@ async fn pump(conn: Conn, mut stream: EventStream) {
         let turn =
             std::future::poll_fn(|cx| poll_turn(cx, &mut link, &mut stream, &outlet, &others))
                 .await;
-        let chunk = match turn {
+        let (bytes, last) = match turn {
             Turn::Gone => return,
-            Turn::Chunk(chunk) => chunk,
-        };
-        let (bytes, last) = match chunk {
-            Some(Ok(chunk)) => (outlet.frame(&chunk), false),
-            _ => (Bytes::from_static(http1::LAST_CHUNK), true),
+            Turn::Chunk(Some(chunk)) => (outlet.frame(&chunk), false),
+            Turn::Chunk(None) => (Bytes::from_static(http1::LAST_CHUNK), true),
         };
         if link.write_all(&bytes).await.is_err() || link.flush().await.is_err() || last {
             return;
@@ -121,7 +117,7 @@ enum Turn {
     /// The client left, or the socket broke.
     Gone,
     /// A chunk of the stream's own (`None`: the stream ended).
-    Chunk(Option<Result<Bytes, Infallible>>),
+    Chunk(Option<Bytes>),
 }
 
 /// One turn of the pump: the backlog first, as on `/ws` (nearly every wake-up is a publish
@@ -137,19 +133,15 @@ fn poll_turn(
     if link.poll_backlog(cx).is_ready() {
         return Poll::Ready(Turn::Gone);
     }
-    if !outlet.others_woke(cx) {
-        return Poll::Pending;
-    }
-    let mut cx = Context::from_waker(others);
-    let turn = if let Poll::Ready(chunk) = stream.poll_next_unpin(&mut cx) {
-        Turn::Chunk(chunk)
-    } else if client_left(&mut cx, link).is_ready() {
-        Turn::Gone
-    } else {
-        return Poll::Pending;
-    };
-    outlet.poll_others_again();
-    Poll::Ready(turn)
+    outlet.poll_others(cx, others, |cx| {
+        if let Poll::Ready(chunk) = stream.poll_next_unpin(cx) {
+            Poll::Ready(Turn::Chunk(chunk.map(|Ok(chunk)| chunk)))
+        } else if client_left(cx, link).is_ready() {
+            Poll::Ready(Turn::Gone)
+        } else {
+            Poll::Pending
+        }
+    })
 }
 
 /// An SSE client has nothing to say: reading only notices when it leaves (what it sends is

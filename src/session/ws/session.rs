@@ -247,21 +247,18 @@ where
         if let Poll::Ready(e) = self.ws.get_mut().poll_backlog(cx) {
             return Poll::Ready(Turn::Broken(e));
         }
-        if !self.outlet.others_woke(cx) {
-            return Poll::Pending;
-        }
-        let mut cx = Context::from_waker(others);
-        let turn = if watch_shutdown && shutdown.poll(&mut cx).is_ready() {
-            Turn::Shutdown
-        } else if let Poll::Ready(next) = self.ws.poll_next_unpin(&mut cx) {
-            Turn::Frame(next)
-        } else if timer.poll(&mut cx).is_ready() {
-            Turn::Timer
-        } else {
-            return Poll::Pending;
-        };
-        self.outlet.poll_others_again();
-        Poll::Ready(turn)
+        let ws = &mut self.ws;
+        self.outlet.poll_others(cx, others, |cx| {
+            if watch_shutdown && shutdown.poll(cx).is_ready() {
+                Poll::Ready(Turn::Shutdown)
+            } else if let Poll::Ready(next) = ws.poll_next_unpin(cx) {
+                Poll::Ready(Turn::Frame(next))
+            } else if timer.poll(cx).is_ready() {
+                Poll::Ready(Turn::Timer)
+            } else {
+                Poll::Pending
+            }
+        })
     }
 
     fn expiry_deadline(&self) -> Option<Instant> {
