@@ -51,6 +51,8 @@ pub struct AppState {
     /// Present in cluster mode (`redis_url` set).
     pub cluster: Option<Arc<Cluster>>,
     pub metrics: Arc<Metrics>,
+    /// Browser tokens are checked with this key (the worker secret, keyed once).
+    pub token_key: token::Key,
     pub limits: admission::ConnectionLimits,
     /// Token guesses (bad signatures, undecodable tokens) per client.
     pub auth_throttle: admission::AuthThrottle,
@@ -228,6 +230,7 @@ pub async fn start(config: Config) -> Result<Worker, StartError> {
         shutdown: shutdown.clone(),
         sockets: Arc::new(Tracker::default()),
         next_conn_id: AtomicU64::new(1),
+        token_key: token::Key::new(config.worker_secret.expose()),
         config,
     });
 

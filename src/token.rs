@@ -62,33 +62,51 @@ enum UserId {
     Text(String),
 }
 
-/// Checks `token` for `topic` at unix time `now`.
-pub fn verify(secret: &[u8], token: &str, topic: &str, now: i64) -> Result<Claims, TokenError> {
-    let (claims_part, sig_part) = token.split_once('.').ok_or(TokenError::Malformed)?;
-    let signature = decode_part(sig_part).ok_or(TokenError::Malformed)?;
-    let mut mac = HmacSha256::new_from_slice(secret).map_err(|_| TokenError::BadSignature)?;
-    mac.update(claims_part.as_bytes());
-    mac.verify_slice(&signature)
-        .map_err(|_| TokenError::BadSignature)?;
+/// The HMAC keyed once with the worker secret. Keying hashes the secret's two padded blocks;
+/// a clone of the keyed state lets each token skip that, which is a third of the hashing a
+/// typical token costs.
+#[derive(Clone)]
+pub struct Key(HmacSha256);
 
-    let json = decode_part(claims_part).ok_or(TokenError::BadClaims)?;
-    let raw: RawClaims = serde_json::from_slice(&json).map_err(|_| TokenError::BadClaims)?;
-    let user_id = match raw.user_id {
-        None => 0,
-        Some(UserId::Int(n)) => n,
-        Some(UserId::Text(s)) => s.trim().parse().map_err(|_| TokenError::BadClaims)?,
-    };
-    if raw.expires <= now {
-        return Err(TokenError::Expired);
+impl Key {
+    pub fn new(secret: &[u8]) -> Key {
+        Key(HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length"))
     }
-    if raw.topic != topic {
-        return Err(TokenError::WrongTopic);
+
+    /// Checks `token` for `topic` at unix time `now`.
+    pub fn verify(&self, token: &str, topic: &str, now: i64) -> Result<Claims, TokenError> {
+        let (claims_part, sig_part) = token.split_once('.').ok_or(TokenError::Malformed)?;
+        let signature = decode_part(sig_part).ok_or(TokenError::Malformed)?;
+        let mut mac = self.0.clone();
+        mac.update(claims_part.as_bytes());
+        mac.verify_slice(&signature)
+            .map_err(|_| TokenError::BadSignature)?;
+
+        let json = decode_part(claims_part).ok_or(TokenError::BadClaims)?;
+        let raw: RawClaims = serde_json::from_slice(&json).map_err(|_| TokenError::BadClaims)?;
+        let user_id = match raw.user_id {
+            None => 0,
+            Some(UserId::Int(n)) => n,
+            Some(UserId::Text(s)) => s.trim().parse().map_err(|_| TokenError::BadClaims)?,
+        };
+        if raw.expires <= now {
+            return Err(TokenError::Expired);
+        }
+        if raw.topic != topic {
+            return Err(TokenError::WrongTopic);
+        }
+        Ok(Claims {
+            user_id,
+            topic: raw.topic,
+            expires: raw.expires,
+        })
     }
-    Ok(Claims {
-        user_id,
-        topic: raw.topic,
-        expires: raw.expires,
-    })
+}
+
+/// Checks `token` for `topic` at unix time `now` (keys the HMAC anew; the worker keeps a
+/// [`Key`]).
+pub fn verify(secret: &[u8], token: &str, topic: &str, now: i64) -> Result<Claims, TokenError> {
+    Key::new(secret).verify(token, topic, now)
 }
 
 /// Makes a token exactly as Wavelog's PHP does (same JSON escaping, lowercase hex), so tokens
@@ -169,11 +187,21 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
-    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    s.as_bytes()
-        .chunks_exact(2)
-        .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
-        .collect()
+    let mut out = Vec::with_capacity(s.len() / 2);
+    for pair in s.as_bytes().chunks_exact(2) {
+        out.push(nibble(pair[0])? << 4 | nibble(pair[1])?);
+    }
+    Some(out)
+}
+
+/// One hex digit's value, either case.
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -254,6 +282,37 @@ mod tests {
         );
         let c = verify(SECRET, &token, "radio.5", 0).unwrap();
         assert_eq!(c.user_id, 7);
+    }
+
+    #[test]
+    fn hex_parts_decode_in_either_case_and_nothing_else() {
+        assert_eq!(hex_decode("00aFff09"), Some(vec![0x00, 0xaf, 0xff, 0x09]));
+        for bad in ["", "a", "0g", "+1", " 1", "é1"] {
+            assert_eq!(hex_decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_kept_key_verifies_like_a_fresh_one_token_after_token() {
+        let key = Key::new(SECRET);
+        for _ in 0..2 {
+            let c = key
+                .verify(PHP_PLAIN, "contest_session.42", 1_750_000_000)
+                .unwrap();
+            assert_eq!(c.user_id, 3);
+        }
+        let other = sign(
+            b"another-secret-0123456789abcdef0123456789",
+            &Claims {
+                user_id: 1,
+                topic: "t".into(),
+                expires: 4_102_444_800,
+            },
+        );
+        assert_eq!(key.verify(&other, "t", 0), Err(TokenError::BadSignature));
+        assert!(key
+            .verify(PHP_PLAIN, "contest_session.42", 1_750_000_000)
+            .is_ok());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The token rule: which token entitles a client to a topic.
 
 use crate::registry::TopicMeta;
-use crate::token::{self, TokenError};
+use crate::token::TokenError;
 use crate::AppState;
 
 /// A subscription the client is entitled to.
@@ -74,8 +74,9 @@ pub fn check(state: &AppState, topic: &str, meta: TopicMeta, token: &str) -> Res
             expires: None,
         });
     }
-    let secret = state.config.worker_secret.expose();
-    token::verify(secret, token, topic, crate::time::unix_now())
+    state
+        .token_key
+        .verify(token, topic, crate::time::unix_now())
         .map(|claims| Grant {
             user_id: claims.user_id,
             expires: Some(claims.expires),

@@ -9,7 +9,8 @@
 //! else (other paths, methods, HTTP/1.0, malformed or oversized heads, later requests on a
 //! keep-alive connection) goes to hyper, with the bytes already read put back in front.
 
-use std::time::Duration;
+use std::cell::RefCell;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -197,9 +198,31 @@ pub fn head_bytes<B>(res: &Response<B>, framing: Framing, keep_alive: bool) -> V
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"date: ");
-    out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    put_date(&mut out);
     out.extend_from_slice(b"\r\n\r\n");
     out
+}
+
+/// Appends the `Date` value for now. Formatted once a second per thread (as hyper does): a
+/// reconnect storm writes thousands of heads in the same second.
+pub fn put_date(out: &mut Vec<u8>) {
+    const LEN: usize = "Sun, 06 Nov 1994 08:49:37 GMT".len();
+    thread_local!(static CACHE: RefCell<(u64, [u8; LEN])> = const { RefCell::new((0, [0; LEN])) });
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            let fresh = httpdate::fmt_http_date(now);
+            if fresh.len() != LEN {
+                // Not a four-digit year: not worth a cache.
+                out.extend_from_slice(fresh.as_bytes());
+                return;
+            }
+            text.copy_from_slice(fresh.as_bytes());
+            *at = secs;
+        }
+        out.extend_from_slice(text);
+    });
 }
 
 /// How long a closing connection keeps reading what its client still sends (see
@@ -242,6 +265,19 @@ mod tests {
         assert_eq!(target_of(b"GET /client.js"), None);
         assert_eq!(target_of(b"POST /sse"), None);
         assert_eq!(target_of(b"HEAD /sse"), None);
+    }
+
+    #[test]
+    fn the_cached_date_is_the_date_of_now() {
+        let mut cached = Vec::new();
+        put_date(&mut cached);
+        put_date(&mut cached);
+        let text = String::from_utf8(cached).unwrap();
+        let (first, second) = text.split_at(text.len() / 2);
+        let parsed = httpdate::parse_http_date(first).unwrap();
+        let age = SystemTime::now().duration_since(parsed).unwrap_or_default();
+        assert!(age < Duration::from_secs(5), "{first}");
+        assert!(httpdate::parse_http_date(second).is_ok(), "{second}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use warp::reply::Response;
 
 use crate::protocol::PUSH_FRAME_OVERHEAD;
 use crate::routes::ApiError;
-use crate::transport::http1::has_token;
+use crate::transport::http1::{self, has_token};
 
 /// Largest inbound frame; anything bigger closes the socket (1009).
 pub const MAX_INBOUND: usize = 4 * 1024;
@@ -68,6 +68,21 @@ pub fn switching(accept_key: HeaderValue) -> Response {
     res
 }
 
+/// The same `101` as [`switching`], written straight into bytes for the hand-written path
+/// (no response value, no header map: this is every WebSocket's connect).
+pub fn switching_head(accept_key: &HeaderValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-accept: ",
+    );
+    out.extend_from_slice(accept_key.as_bytes());
+    out.extend_from_slice(b"\r\ndate: ");
+    http1::put_date(&mut out);
+    out.extend_from_slice(b"\r\n\r\n");
+    out
+}
+
 /// Small buffers (most sockets idle for hours and we hold thousands), but room for the largest
 /// frame a publish can make: `max_payload_bytes` plus the push frame around it, with a full
 /// write buffer already queued.
@@ -104,6 +119,23 @@ mod tests {
     fn the_rfc_example_key_is_accepted() {
         let accept = accept_key(&upgrade("dGhlIHNhbXBsZSBub25jZQ==", "13")).unwrap();
         assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn the_written_101_is_the_101_hyper_would_get() {
+        let key = HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let without_date = |head: Vec<u8>| {
+            let text = String::from_utf8(head).unwrap();
+            let lines: Vec<String> = text
+                .split("\r\n")
+                .filter(|l| !l.starts_with("date: "))
+                .map(str::to_string)
+                .collect();
+            assert_eq!(lines.len() + 1, text.split("\r\n").count(), "one date line");
+            lines
+        };
+        let framed = http1::head_bytes(&switching(key.clone()), http1::Framing::Empty, true);
+        assert_eq!(without_date(switching_head(&key)), without_date(framed));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::admission::{self, Pending, Request};
 use crate::hub::{Link, Outlet, Wire};
 use crate::metrics::Transport;
 use crate::routes::{stream_request, with_state, ApiError};
-use crate::transport::http1::{self, Conn, Framing, Head};
+use crate::transport::http1::{self, Conn, Head};
 use crate::transport::PeerAddr;
 use crate::AppState;
 use session::Session;
@@ -83,8 +83,7 @@ pub async fn take_over(
             return http1::answer(conn, e.into_response(), keep_alive).await;
         }
     };
-    let res = handshake::switching(accepted.key.clone());
-    let bytes = http1::head_bytes(&res, Framing::Empty, true);
+    let bytes = handshake::switching_head(&accepted.key);
     drop(head);
     if conn.write_all(&bytes).await.is_ok() {
         // A task sized for the session alone: the handshake's state is freed with this one.
