@@ -18,7 +18,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -115,7 +115,7 @@ impl AsyncRead for Conn {
             loop {
                 ready!(self.io.poll_read_ready(cx))?;
                 let unfilled = buf.initialize_unfilled();
-                match self.io.try_read(unfilled) {
+                match read_draining(&self.io, unfilled) {
                     Ok(n) => {
                         buf.advance(n);
                         return Poll::Ready(Ok(()));
@@ -177,6 +177,27 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// One non-blocking read. A read that leaves the buffer short has emptied the socket, so its
+/// readiness is cleared with it, as tokio's own `poll_read` does for a socket it owns alone:
+/// the next read then waits for new data instead of asking the kernel once more only to hear
+/// `WouldBlock` (a system call per inbound frame). Clearing inside `try_io` is what keeps it
+/// safe: tokio clears only if no new readiness arrived since before this read.
+fn read_draining(io: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut read = 0;
+    let r = io.try_io(Interest::READABLE, || {
+        read = io.try_read(buf)?;
+        if read > 0 && read < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => Ok(read),
+        r => r.map(|()| read),
+    }
+}
+
 /// A non-blocking write on a shared socket, waiting for writability when it would block.
 fn retry<T>(
     cx: &mut Context<'_>,
@@ -202,5 +223,40 @@ pub fn tests_conn(io: Arc<TcpStream>) -> Conn {
         stall: Duration::from_secs(10),
         timer: None,
         armed: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A short read clears the socket's readiness; data that comes later must still wake the
+    /// reader, however it is spread over writes.
+    #[tokio::test]
+    async fn reads_after_a_short_read_still_see_new_data() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut conn = Conn::new(server, Bytes::new(), Duration::from_secs(10));
+        let mut buf = [0u8; 64];
+        for round in 0..200u32 {
+            let sent = round.to_be_bytes();
+            client.write_all(&sent).await.unwrap();
+            let mut got = Vec::new();
+            while got.len() < sent.len() {
+                let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                    .await
+                    .expect("data written after a short read arrives")
+                    .unwrap();
+                assert!(n > 0, "not closed");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got, sent);
+        }
+        drop(client);
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 0, "then the end");
     }
 }
