@@ -13,6 +13,7 @@
 //! sequence is one counter for all topics, so ids are unique and increase within every topic,
 //! and a single number ("everything up to seq N") is a position in every topic at once.
 
+mod flush;
 mod outlet;
 
 use std::collections::{HashMap, VecDeque};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-pub use outlet::{Item, Link, Outlet, Wire};
+pub use outlet::{Item, Link, Offer, Offered, Outlet, Wire};
 
 use crate::metrics::Metrics;
 use crate::protocol;
@@ -171,9 +172,10 @@ struct Topic {
 }
 
 /// Largest topic whose publishes write to the subscribers' sockets from the publishing thread.
-/// A bigger fan-out is handed to the sessions (queued, tasks woken) so that every core writes:
-/// one thread's walk is paced by the kernel's per-send work, and on a machine whose receivers
-/// are local it was measured slower than the sessions' own writes (docs/benchmarks.md).
+/// A bigger fan-out is queued in every outlet and written by flush tasks ([`flush`]), a chunk
+/// of sockets each, so that every core writes: one thread's walk is paced by the kernel's
+/// per-send work, and on a machine whose receivers are local it was measured slower than
+/// writes spread over the threads (docs/benchmarks.md).
 const DIRECT_WALK_MAX: usize = 4096;
 
 /// Deliveries per second above which publishes hand every event to the sessions. Under
@@ -584,18 +586,29 @@ impl Hub {
         let frame = Arc::new(build_frame(topic, &id, seq, payload));
         self.remember(state, &frame);
         let now = Instant::now();
-        let write = state.subscribers.len() <= DIRECT_WALK_MAX
-            && self.load.per_second(now) <= DIRECT_RATE_MAX;
+        let how = if state.subscribers.len() > DIRECT_WALK_MAX {
+            Offer::Defer
+        } else if self.load.per_second(now) <= DIRECT_RATE_MAX {
+            Offer::Write
+        } else {
+            Offer::Queue
+        };
         let mut receivers = 0;
+        let mut to_flush = Vec::new();
         let slots = &state.subscribers.slots;
         for (i, slot) in slots.iter().enumerate() {
             if let Some(Some((ahead, _))) = slots.get(i + PREFETCH_AHEAD) {
                 outlet::prefetch(ahead);
             }
             if let Some((outlet, key)) = slot {
-                receivers += usize::from(outlet.offer_event(*key, &frame, write));
+                let offered = outlet.offer_event(*key, &frame, how);
+                receivers += usize::from(offered.delivered());
+                if offered == Offered::ToFlush {
+                    to_flush.push(outlet.clone());
+                }
             }
         }
+        flush::spawn(to_flush);
         self.load.add(receivers as u64, now);
         if receivers > 0 {
             // Once per walk, for every delivery of it: no clock read per subscriber.

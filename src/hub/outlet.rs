@@ -53,6 +53,35 @@ pub enum Item {
     Own(Bytes),
 }
 
+/// How a publish hands an event to an outlet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Sent at once when nothing waits (a small topic at light load).
+    Write,
+    /// Queued, the session woken to write it.
+    Queue,
+    /// Queued; when nothing waited before, the caller flushes the outlet later
+    /// ([`Outlet::flush`]) instead of waking its session.
+    Defer,
+}
+
+/// What became of an offered event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// The socket is gone.
+    Refused,
+    /// Written, or queued for a writer that is already coming.
+    Taken,
+    /// Queued, and nobody else will write it: the caller must call [`Outlet::flush`].
+    ToFlush,
+}
+
+impl Offered {
+    pub fn delivered(self) -> bool {
+        self != Offered::Refused
+    }
+}
+
 pub struct Outlet {
     wire: Wire,
     /// The socket's descriptor, when publishers may write to it themselves. A publish sends on
@@ -133,14 +162,13 @@ impl Outlet {
         self.wire
     }
 
-    /// Publisher side: hands over one event, written at once when `write` allows and nothing
-    /// waits. `false` when the socket is gone.
-    pub fn offer_event(&self, key: usize, frame: &Frame, write: bool) -> bool {
+    /// Publisher side: hands over one event, as `how` says.
+    pub fn offer_event(&self, key: usize, frame: &Frame, how: Offer) -> Offered {
         let mut st = lock(&self.state);
         if st.broken {
-            return false;
+            return Offered::Refused;
         }
-        if let Some(fd) = self.fd.filter(|_| write && st.idle()) {
+        if let Some(fd) = self.fd.filter(|_| how == Offer::Write && st.idle()) {
             match self.shared_bytes(&st, frame) {
                 Some(bytes) => write_now(&mut st, fd, bytes),
                 None => {
@@ -148,18 +176,45 @@ impl Outlet {
                     write_now(&mut st, fd, &bytes);
                 }
             }
-            return true;
+            return Offered::Taken;
         }
-        let was_empty = st.nothing_waits();
+        let was_idle = st.idle();
         st.queue.push_back(Item::Event(key, frame.clone()));
         st.queued_events += 1;
         if st.queued_events > self.capacity {
             drop_backlog(&mut st);
         }
-        if was_empty {
+        if !was_idle {
+            // Whoever made it busy writes this too: its session, woken for it, a flush to
+            // come, or the release of a subscription being set up.
+            return Offered::Taken;
+        }
+        if how == Offer::Defer && self.fd.is_some() {
+            return Offered::ToFlush;
+        }
+        st.wake();
+        Offered::Taken
+    }
+
+    /// Flusher side, for an outlet a deferred offer left waiting ([`Offered::ToFlush`]):
+    /// writes what waits straight to the socket, as a publish to an idle socket does, without
+    /// waking the session. A socket that would block (or broke) is left to its session, woken
+    /// for it.
+    pub fn flush(&self) {
+        let Some(fd) = self.fd else {
+            return;
+        };
+        let mut st = lock(&self.state);
+        if st.broken || !st.has_work() {
+            return;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        if !matches!(
+            self.drain(&mut cx, &mut st, &mut Descriptor(fd)),
+            Poll::Ready(Ok(()))
+        ) {
             st.wake();
         }
-        true
     }
 
     /// Publisher side: the subscriber may have missed events of `topic`.
@@ -552,6 +607,60 @@ fn write_now(st: &mut State, fd: RawFd, bytes: &Bytes) {
     st.wake();
 }
 
+/// A socket's descriptor as a non-blocking writer for [`Outlet::flush`]: a write that would
+/// block is pending, with nothing registered (the session, woken, waits for the socket).
+struct Descriptor(RawFd);
+
+impl AsyncWrite for Descriptor {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        // SAFETY: a `msghdr` naming only the caller's slices (`IoSlice` is ABI-compatible with
+        // `iovec`), on a descriptor that is open while the outlet is not broken (the caller
+        // holds the lock and checked).
+        let sent = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = bufs.len() as _;
+            libc::syscall(
+                libc::SYS_sendmsg,
+                self.0,
+                &msg as *const libc::msghdr,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        match usize::try_from(sent) {
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(_) => match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+                e => Poll::Ready(Err(e)),
+            },
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// Asks the CPU to fetch the outlet a publish reaches next: the walk then finds it in cache
 /// after the send in between, instead of waiting for memory.
 #[inline]
@@ -758,7 +867,7 @@ mod tests {
         let (ours, mut client) = pair().await;
         let outlet = Outlet::new(Wire::WebSocket, Some(ours), 8);
         let frame = &frames(1, "x")[0];
-        assert!(outlet.offer_event(0, frame, true));
+        assert!(outlet.offer_event(0, frame, Offer::Write).delivered());
         let pending = poll_fn(|cx| Poll::Ready(outlet.poll_pending(cx))).await;
         assert!(
             pending.is_pending(),
@@ -775,7 +884,7 @@ mod tests {
         // Large frames until the socket takes no more: the rest must wait in the outlet.
         let all = frames(400, &"p".repeat(60 * 1024));
         for f in &all {
-            assert!(outlet.offer_event(0, f, true));
+            assert!(outlet.offer_event(0, f, Offer::Write).delivered());
         }
         assert!(
             !lock(&outlet.state).out.is_empty(),
@@ -797,11 +906,91 @@ mod tests {
         assert_eq!(texts[400], "{\"type\":\"own\"}");
     }
 
+    /// A session's waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Registers `wakes` as the session's waker, as its turn does when nothing waits.
+    fn register_session(outlet: &Outlet, ours: &Arc<TcpStream>, wakes: &Arc<Wakes>) {
+        let waker = Waker::from(wakes.clone());
+        let mut conn = crate::transport::conn::tests_conn(ours.clone());
+        let polled = outlet.poll_backlog(&mut Context::from_waker(&waker), &mut conn);
+        assert!(polled.is_pending());
+    }
+
+    #[tokio::test]
+    async fn deferred_events_are_written_by_their_flush_without_waking_the_session() {
+        let (ours, mut client) = pair().await;
+        let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 8);
+        let wakes = Arc::new(Wakes::default());
+        register_session(&outlet, &ours, &wakes);
+        let all = frames(2, "x");
+        assert_eq!(
+            outlet.offer_event(0, &all[0], Offer::Defer),
+            Offered::ToFlush
+        );
+        assert_eq!(
+            outlet.offer_event(0, &all[1], Offer::Defer),
+            Offered::Taken,
+            "the flush to come writes it too"
+        );
+        outlet.flush();
+        let texts = read_texts(&mut client, 2).await;
+        assert_eq!(texts, [all[0].text(), all[1].text()]);
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            0,
+            "the session slept through"
+        );
+        assert_eq!(
+            outlet.offer_event(0, &all[0], Offer::Defer),
+            Offered::ToFlush
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flush_that_fills_the_socket_hands_the_rest_to_the_session_in_order() {
+        let (ours, mut client) = pair().await;
+        let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 10_000);
+        let wakes = Arc::new(Wakes::default());
+        register_session(&outlet, &ours, &wakes);
+        let all = frames(400, &"p".repeat(60 * 1024));
+        assert_eq!(
+            outlet.offer_event(0, &all[0], Offer::Defer),
+            Offered::ToFlush
+        );
+        for f in &all[1..] {
+            assert_eq!(outlet.offer_event(0, f, Offer::Defer), Offered::Taken);
+        }
+        outlet.flush();
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            1,
+            "woken once, for the rest"
+        );
+        assert!(!lock(&outlet.state).nothing_waits(), "24 MiB did not fit");
+        let reader = tokio::spawn(async move { read_texts(&mut client, 400).await });
+        let mut conn = crate::transport::conn::tests_conn(ours);
+        poll_fn(|cx| outlet.poll_drain(cx, &mut conn))
+            .await
+            .unwrap();
+        let texts = reader.await.unwrap();
+        for (i, text) in texts.iter().enumerate() {
+            assert!(text.contains(&format!("\"i\":{i},")), "event {i} in place");
+        }
+    }
+
     #[tokio::test]
     async fn a_backlog_over_capacity_becomes_one_resync() {
         let outlet = Outlet::new(Wire::WebSocket, None, 3);
         for f in &frames(7, "x") {
-            outlet.offer_event(0, f, true);
+            outlet.offer_event(0, f, Offer::Write).delivered();
         }
         // Dropped at the fourth, then three more fit.
         assert!(matches!(outlet.take_item(), Some(Item::Resync(t)) if &*t == "t"));
@@ -817,7 +1006,7 @@ mod tests {
         let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 8);
         let all = frames(2, "x");
         outlet.hold();
-        outlet.offer_event(0, &all[1], true);
+        outlet.offer_event(0, &all[1], Offer::Write);
         let ack = Item::Own(outlet.frame(b"{\"type\":\"auth_ok\"}"));
         outlet.release(vec![ack, Item::Event(0, all[0].clone())]);
         let mut conn = crate::transport::conn::tests_conn(ours);
@@ -841,7 +1030,7 @@ mod tests {
         drop(link);
         let frame = &frames(1, "x")[0];
         assert!(
-            !outlet.offer_event(0, frame, true),
+            !outlet.offer_event(0, frame, Offer::Write).delivered(),
             "a closed outlet takes no events"
         );
         let mut rest = Vec::new();

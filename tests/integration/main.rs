@@ -5,6 +5,7 @@ mod cluster;
 mod common;
 mod connections;
 mod dxcluster;
+mod fanout;
 mod faults;
 mod hostile;
 mod internal_api;
