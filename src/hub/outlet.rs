@@ -916,20 +916,24 @@ mod tests {
         }
     }
 
-    /// Registers `wakes` as the session's waker, as its turn does when nothing waits.
-    fn register_session(outlet: &Outlet, ours: &Arc<TcpStream>, wakes: &Arc<Wakes>) {
+    /// An outlet on a connected pair whose session waits for work: its waker (counting its
+    /// wake-ups) registered as the session's turn registers it when nothing waits.
+    async fn sleeping_session(
+        capacity: usize,
+    ) -> (Arc<TcpStream>, TcpStream, Arc<Outlet>, Arc<Wakes>) {
+        let (ours, client) = pair().await;
+        let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), capacity);
+        let wakes = Arc::new(Wakes::default());
         let waker = Waker::from(wakes.clone());
         let mut conn = crate::transport::conn::tests_conn(ours.clone());
         let polled = outlet.poll_backlog(&mut Context::from_waker(&waker), &mut conn);
         assert!(polled.is_pending());
+        (ours, client, outlet, wakes)
     }
 
     #[tokio::test]
     async fn deferred_events_are_written_by_their_flush_without_waking_the_session() {
-        let (ours, mut client) = pair().await;
-        let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 8);
-        let wakes = Arc::new(Wakes::default());
-        register_session(&outlet, &ours, &wakes);
+        let (_ours, mut client, outlet, wakes) = sleeping_session(8).await;
         let all = frames(2, "x");
         assert_eq!(
             outlet.offer_event(0, &all[0], Offer::Defer),
@@ -956,10 +960,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flush_that_fills_the_socket_hands_the_rest_to_the_session_in_order() {
-        let (ours, mut client) = pair().await;
-        let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 10_000);
-        let wakes = Arc::new(Wakes::default());
-        register_session(&outlet, &ours, &wakes);
+        let (ours, mut client, outlet, wakes) = sleeping_session(10_000).await;
         let all = frames(400, &"p".repeat(60 * 1024));
         assert_eq!(
             outlet.offer_event(0, &all[0], Offer::Defer),
