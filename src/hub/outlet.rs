@@ -642,7 +642,14 @@ impl AsyncWrite for Descriptor {
         match usize::try_from(sent) {
             Ok(n) => Poll::Ready(Ok(n)),
             Err(_) => match io::Error::last_os_error() {
-                e if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+                // The session, woken, writes it (and waits for the socket if need be).
+                e if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+                {
+                    Poll::Pending
+                }
                 e => Poll::Ready(Err(e)),
             },
         }
