@@ -24,7 +24,8 @@ pub fn spawn(outlets: Vec<Arc<Outlet>>) {
         outlets.iter().for_each(|o| o.flush());
         return;
     };
-    let outlets: Arc<[Arc<Outlet>]> = outlets.into();
+    // Shared by the chunks as it is: no copy of the list per publish.
+    let outlets = Arc::new(outlets);
     for start in (0..outlets.len()).step_by(CHUNK) {
         let outlets = outlets.clone();
         runtime.spawn(async move {

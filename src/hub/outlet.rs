@@ -579,65 +579,51 @@ impl Wake for Outlet {
 /// and the session is woken to write it. (tokio's cached readiness is left alone: a send that
 /// would block here makes the session's own write find out, and wait for the socket.)
 fn write_now(st: &mut State, fd: RawFd, bytes: &Bytes) {
-    // SAFETY: `fd` is open while the outlet is not broken (the caller holds the lock and
-    // checked; `close` marks it broken under that lock before letting the socket go), and the
-    // buffer is valid for `bytes.len()` bytes. (The system call itself, not libc's `send`: that one is a thread
-    // cancellation point and pays for it on every call.)
-    let sent = unsafe {
-        libc::syscall(
-            libc::SYS_sendto,
-            fd,
-            bytes.as_ptr(),
-            bytes.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            std::ptr::null::<libc::sockaddr>(),
-            0,
-        )
-    };
-    match usize::try_from(sent) {
-        Ok(n) if n == bytes.len() => return,
-        Ok(n) => st.out.push_back(bytes.slice(n..)),
-        Err(_) => match io::Error::last_os_error().kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {
-                st.out.push_back(bytes.clone())
-            }
-            _ => st.broken = true,
-        },
+    match Descriptor(fd).send(&[IoSlice::new(bytes)]) {
+        Poll::Ready(Ok(n)) if n == bytes.len() => return,
+        Poll::Ready(Ok(n)) => st.out.push_back(bytes.slice(n..)),
+        Poll::Pending => st.out.push_back(bytes.clone()),
+        Poll::Ready(Err(_)) => st.broken = true,
     }
     st.wake();
 }
 
-/// A socket's descriptor as a non-blocking writer for [`Outlet::flush`]: a write that would
-/// block is pending, with nothing registered (the session, woken, waits for the socket).
+/// A socket's descriptor as a non-blocking writer, for publishes and [`Outlet::flush`]: a
+/// write that would block is pending, with nothing registered (the session, woken, waits for
+/// the socket).
 struct Descriptor(RawFd);
 
-impl AsyncWrite for Descriptor {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        // SAFETY: a `msghdr` naming only the caller's slices (`IoSlice` is ABI-compatible with
-        // `iovec`), on a descriptor that is open while the outlet is not broken (the caller
-        // holds the lock and checked).
+impl Descriptor {
+    /// One non-blocking send of `bufs`. The system call itself, not libc's `send`: that one is
+    /// a thread cancellation point and pays for it on every call.
+    fn send(&self, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+        // SAFETY: the descriptor is open while the outlet is not broken (the caller holds the
+        // lock and checked; `close` marks it broken under that lock before letting the socket
+        // go); the buffers are the caller's slices (`IoSlice` is ABI-compatible with `iovec`),
+        // valid for their lengths, named by a `msghdr` that lives across the call.
         let sent = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = bufs.len() as _;
-            libc::syscall(
-                libc::SYS_sendmsg,
-                self.0,
-                &msg as *const libc::msghdr,
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
+            if let [one] = bufs {
+                libc::syscall(
+                    libc::SYS_sendto,
+                    self.0,
+                    one.as_ptr(),
+                    one.len(),
+                    flags,
+                    std::ptr::null::<libc::sockaddr>(),
+                    0,
+                )
+            } else {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = bufs.len() as _;
+                libc::syscall(
+                    libc::SYS_sendmsg,
+                    self.0,
+                    &msg as *const libc::msghdr,
+                    flags,
+                )
+            }
         };
         match usize::try_from(sent) {
             Ok(n) => Poll::Ready(Ok(n)),
@@ -653,6 +639,24 @@ impl AsyncWrite for Descriptor {
                 e => Poll::Ready(Err(e)),
             },
         }
+    }
+}
+
+impl AsyncWrite for Descriptor {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.send(&[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.send(bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
