@@ -128,3 +128,29 @@ fn fanout_bench_measures_nchan_with_the_same_subscribers() {
     assert_eq!(std::fs::read_to_string(&md).unwrap().lines().count(), 4);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The connect floor (`connect-floor`, the least server of the subscription exchange) answers
+/// the bench's WebSocket and SSE subscribers as the worker does, so the bench can measure it
+/// the same way; a subscriber it did not answer rightly would count as failed.
+#[test]
+fn fanout_bench_measures_the_connect_floor() {
+    let dir = std::env::temp_dir().join(format!("wavelog-tools-floor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for transport in ["ws", "sse"] {
+        let json = dir.join(format!("{transport}.json"));
+        let r = run_bench(
+            Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
+                .args(["run", "--connections", "100", "--topics", "1"])
+                .args(["--transport", transport, "--events", "0"])
+                .args(["--idle-secs", "0.1"])
+                .arg("--worker-bin")
+                .arg(env!("CARGO_BIN_EXE_connect-floor")),
+            &json,
+        );
+        assert_eq!(r["connect"]["connected"], 100, "{transport}");
+        assert_eq!(r["connect"]["failed"], 0, "{transport}");
+        let kernel = &r["connect"]["server_kernel_us_per_connection"];
+        assert!(kernel.as_f64().is_some());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
