@@ -161,9 +161,9 @@ fn head_of(req: &httparse::Request<'_, '_>, target: Target) -> Option<Head> {
 /// Whether a comma-separated header value holds `token` (case-insensitive).
 pub fn has_token(value: &HeaderValue, token: &str) -> bool {
     value
-        .to_str()
-        .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
-        .unwrap_or(false)
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|p| p.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// How a response body is delimited.

@@ -2,7 +2,8 @@
 //! paths.
 
 use base64::Engine;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::header::{CONNECTION, HOST, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use warp::reply::Response;
@@ -19,30 +20,26 @@ const WRITE_BUFFER: usize = 8 * 1024;
 /// Whether the request asks for a WebSocket at all (a refused one then closes the
 /// connection: the client may already have sent frames after it).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    has(headers, "upgrade", "websocket")
+    has(headers, &UPGRADE, "websocket")
 }
 
 /// The `Sec-WebSocket-Accept` value for a well-formed upgrade request: 426 when it is not an
 /// upgrade or asks for another version (naming ours), 400 without `Host` or for a key that is
 /// not base64 of 16 bytes.
 pub fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
-    if !headers.contains_key(http::header::HOST) {
+    if !headers.contains_key(HOST) {
         return Err(ApiError::BadRequest("missing Host header".into()));
     }
-    if !has(headers, "connection", "upgrade") || !is_upgrade(headers) {
+    if !has(headers, &CONNECTION, "upgrade") || !is_upgrade(headers) {
         return Err(ApiError::UpgradeRequired);
     }
-    if !has(headers, "sec-websocket-version", "13") {
+    if !has(headers, &SEC_WEBSOCKET_VERSION, "13") {
         return Err(ApiError::UpgradeRequired);
     }
     let key = headers
-        .get("sec-websocket-key")
+        .get(SEC_WEBSOCKET_KEY)
         .map(|v| v.as_bytes().trim_ascii())
-        .filter(|k| {
-            base64::engine::general_purpose::STANDARD
-                .decode(k)
-                .is_ok_and(|raw| raw.len() == 16)
-        })
+        .filter(|k| is_key(k))
         .ok_or_else(|| {
             ApiError::BadRequest("Sec-WebSocket-Key must be base64 of 16 bytes".into())
         })?;
@@ -50,7 +47,17 @@ pub fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
         .map_err(|_| ApiError::BadRequest("bad Sec-WebSocket-Key".into()))
 }
 
-fn has(headers: &HeaderMap, name: &str, token: &str) -> bool {
+/// Whether `key` is base64 of exactly 16 bytes (24 characters; decoded on the stack).
+fn is_key(key: &[u8]) -> bool {
+    let mut raw = [0u8; 18];
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode_slice(key, &mut raw)
+            .is_ok_and(|n| n == 16)
+}
+
+/// Static names: a `&str` name would be parsed into a `HeaderName` on every lookup.
+fn has(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| has_token(v, token))
 }
 
@@ -122,6 +129,22 @@ mod tests {
     }
 
     #[test]
+    fn keys_with_spaces_around_and_tokens_in_any_case_are_accepted() {
+        let mut h = upgrade(" dGhlIHNhbXBsZSBub25jZQ== ", "13");
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Keep-Alive ,UPGRADE"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("WebSocket"));
+        assert_eq!(accept_key(&h).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, upgrades"),
+        );
+        assert!(matches!(accept_key(&h), Err(ApiError::UpgradeRequired)));
+    }
+
+    #[test]
     fn the_written_101_is_the_101_hyper_would_get() {
         let key = HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         let without_date = |head: Vec<u8>| {
@@ -140,7 +163,15 @@ mod tests {
 
     #[test]
     fn bad_keys_and_versions_are_refused() {
-        for key in ["", "abc", "dGhlIHNhbXBsZSBub25jZSE="] {
+        // Empty, short, 17 bytes, 16 bytes without padding, 16 bytes with a bad character.
+        let bad = [
+            "",
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZSE=",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZQ=!",
+        ];
+        for key in bad {
             assert!(matches!(
                 accept_key(&upgrade(key, "13")),
                 Err(ApiError::BadRequest(_))
