@@ -73,7 +73,9 @@ pub async fn take_over(
     )
     .await
     {
-        Answer::Plain(res) => http1::answer(conn, res, head.keep_alive).await,
+        // Boxed: a refusal is rare, and its answer's state would make every stream's first
+        // task kilobytes larger (see `tests::first_request_futures_are_small`).
+        Answer::Plain(res) => Box::pin(http1::answer(conn, res, head.keep_alive)).await,
         Answer::Stream(headers, stream) => {
             let mut res = http::Response::new(());
             *res.headers_mut() = headers;

@@ -80,15 +80,18 @@ pub async fn take_over(
         Err(e) => {
             // After a refused upgrade the client may already be sending frames: close.
             let keep_alive = head.keep_alive && !handshake::is_upgrade(&head.headers);
-            return http1::answer(conn, e.into_response(), keep_alive).await;
+            // Boxed, as in `sse::take_over`: the refusal's state is kilobytes.
+            return Box::pin(http1::answer(conn, e.into_response(), keep_alive)).await;
         }
     };
     let bytes = handshake::switching_head(&accepted.key);
     drop(head);
     if conn.write_all(&bytes).await.is_ok() {
         // A task sized for the session alone: the handshake's state is freed with this one.
+        // Boxed first: `spawn` would otherwise move the whole session future (kilobytes)
+        // several times on its way into the task.
         let socket = conn.socket();
-        tokio::spawn(accepted.run(conn, Some(socket), state));
+        tokio::spawn(Box::pin(accepted.run(conn, Some(socket), state)));
     }
     None
 }
