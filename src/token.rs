@@ -187,22 +187,37 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
-    let mut out = Vec::with_capacity(s.len() / 2);
-    for pair in s.as_bytes().chunks_exact(2) {
-        out.push(nibble(pair[0])? << 4 | nibble(pair[1])?);
+    // Branch-free over the whole part (it is checked once, at the end): this runs for every
+    // token a browser presents.
+    let mut out = vec![0u8; s.len() / 2];
+    let mut invalid = 0u8;
+    for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+        let (hi, lo) = (HEX[pair[0] as usize], HEX[pair[1] as usize]);
+        invalid |= hi | lo;
+        *o = hi << 4 | lo;
     }
-    Some(out)
+    (invalid & INVALID == 0).then_some(out)
 }
 
-/// One hex digit's value, either case.
-fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
+/// Marks a byte that is not a hex digit in [`HEX`].
+const INVALID: u8 = 0x80;
+
+/// Every byte's value as a hex digit, either case, or [`INVALID`].
+const HEX: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 mod tests {
@@ -289,6 +304,15 @@ mod tests {
         assert_eq!(hex_decode("00aFff09"), Some(vec![0x00, 0xaf, 0xff, 0x09]));
         for bad in ["", "a", "0g", "+1", " 1", "é1"] {
             assert_eq!(hex_decode(bad), None, "{bad:?}");
+        }
+        // Every ASCII character on either side of a digit, against the standard parser.
+        for c in (0u8..128).map(char::from) {
+            for pair in [format!("{c}7"), format!("7{c}")] {
+                let expected = u8::from_str_radix(&pair, 16)
+                    .ok()
+                    .filter(|_| c.is_ascii_hexdigit());
+                assert_eq!(hex_decode(&pair), expected.map(|b| vec![b]), "{pair:?}");
+            }
         }
     }
 
