@@ -249,6 +249,21 @@ impl Outlet {
         st.wake();
     }
 
+    /// Takes what waits (a subscription's preface, and whatever was published since) into
+    /// `buf`, so that it leaves with the response head in one send instead of a send of its
+    /// own. Publishes queue from here on, written by nobody until [`Outlet::release`]: the
+    /// head must reach the socket first. Nothing is taken from a broken or held outlet.
+    pub fn take_waiting(&self, buf: &mut Vec<u8>) {
+        let mut st = lock(&self.state);
+        if st.broken || st.held {
+            return;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        // A `Vec` takes every write whole and at once.
+        let _ = self.drain(&mut cx, &mut st, buf);
+        st.held = true;
+    }
+
     /// SSE with several topics: the starting id of each, in key order.
     pub fn set_cursor(&self, cursor: Vec<String>) {
         lock(&self.state).cursor = cursor;
@@ -1021,6 +1036,42 @@ mod tests {
         outlet.offer_event(0, &all[1], Offer::Write);
         let ack = Item::Own(outlet.frame(b"{\"type\":\"auth_ok\"}"));
         outlet.release(vec![ack, Item::Event(0, all[0].clone())]);
+        let mut conn = crate::transport::conn::tests_conn(ours);
+        poll_fn(|cx| outlet.poll_drain(cx, &mut conn))
+            .await
+            .unwrap();
+        let texts = read_texts(&mut client, 3).await;
+        assert_eq!(texts[0], "{\"type\":\"auth_ok\"}");
+        assert_eq!(texts[1], all[0].text());
+        assert_eq!(texts[2], all[1].text());
+    }
+
+    /// What waits when a response head goes out joins the head's buffer; a publish made while
+    /// the head is on its way is not written ahead of it, and follows once released.
+    #[tokio::test]
+    async fn waiting_frames_leave_with_the_head_and_later_ones_after_it() {
+        let (ours, mut client) = pair().await;
+        let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 8);
+        let all = frames(2, "x");
+        outlet.hold();
+        let ack = Item::Own(outlet.frame(b"{\"type\":\"auth_ok\"}"));
+        outlet.release(vec![ack, Item::Event(0, all[0].clone())]);
+        let mut head = Vec::new();
+        outlet.take_waiting(&mut head);
+        assert!(!head.is_empty(), "the preface was taken");
+        assert!(outlet.offer_event(0, &all[1], Offer::Write).delivered());
+        let mut probe = [0u8; 1];
+        let early = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            client.read(&mut probe),
+        )
+        .await;
+        assert!(
+            early.is_err(),
+            "nothing may reach the socket before the head"
+        );
+        assert_eq!(ours.try_write(&head).unwrap(), head.len());
+        outlet.release(Vec::new());
         let mut conn = crate::transport::conn::tests_conn(ours);
         poll_fn(|cx| outlet.poll_drain(cx, &mut conn))
             .await

@@ -79,9 +79,13 @@ pub async fn take_over(
         Answer::Stream(headers, stream) => {
             let mut res = http::Response::new(());
             *res.headers_mut() = headers;
-            let bytes = http1::head_bytes(&res, Framing::Chunked, true);
+            let mut bytes = http1::head_bytes(&res, Framing::Chunked, true);
             drop((head, res));
-            if conn.write_all(&bytes).await.is_ok() {
+            // The stream's first block (and any replay) goes out with the head: one send.
+            stream.outlet().take_waiting(&mut bytes);
+            let written = conn.write_all(&bytes).await.is_ok();
+            stream.outlet().release(Vec::new());
+            if written {
                 // A task sized for the stream alone: the request's state is freed with this one.
                 tokio::spawn(pump(conn, stream));
             }
