@@ -11,9 +11,12 @@ pub mod conn;
 pub mod http1;
 mod hyper;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,10 +31,28 @@ use http1::{First, Head};
 /// A listener's whole filter tree, boxed so both listeners share one serving loop.
 pub type Routes = warp::filters::BoxedFilter<(warp::reply::Response,)>;
 
-/// Serves a connection whose first request opens a stream (see [`crate::http1`]). Returns the
-/// connection when the client may send another request (after a refusal), for hyper to serve.
+/// Serves a connection whose first request opens a stream (see [`crate::http1`]): answers it,
+/// and says what becomes of the connection.
 pub type StreamHandler =
-    Arc<dyn Fn(Head, Conn, SocketAddr) -> BoxFuture<'static, Option<Conn>> + Send + Sync>;
+    Arc<dyn Fn(Head, Conn, SocketAddr) -> BoxFuture<'static, Taken> + Send + Sync>;
+
+/// What becomes of a connection after its first request.
+pub enum Taken {
+    /// Answered (a refusal), and the client may send another request: for hyper.
+    Hyper(Conn),
+    /// Closed.
+    Closed,
+    /// Admitted: the stream's whole life, run on in the connection's own task (no second
+    /// task to spawn per connection). Boxed, so the task stays small, and what the first
+    /// request needed is freed before it starts.
+    Stream(BoxFuture<'static, ()>),
+}
+
+impl From<Option<Conn>> for Taken {
+    fn from(conn: Option<Conn>) -> Taken {
+        conn.map_or(Taken::Closed, Taken::Hyper)
+    }
+}
 
 /// Resolves `bind` + `port` and listens. An empty bind means all interfaces (IPv6 and IPv4
 /// where the host has IPv6, IPv4 only otherwise).
@@ -209,29 +230,8 @@ pub async fn serve(listener: TcpListener, service: Service, mut shutdown: Shutdo
                 if cfg!(not(target_os = "linux")) {
                     let _ = stream.set_nodelay(true);
                 }
-                let service = service.clone();
-                let shutdown = shutdown.clone();
-                tokio::spawn(async move {
-                    let conn = match &service.streams {
-                        Some(streams) => {
-                            let first = first_request(stream, peer, streams.clone(), &service);
-                            match Box::pin(first).await {
-                                Some(conn) => conn,
-                                None => return,
-                            }
-                        }
-                        None => Conn::new(stream, Bytes::new(), service.stall),
-                    };
-                    let routes = service.routes;
-                    Box::pin(hyper::serve(
-                        conn,
-                        peer,
-                        routes,
-                        service.header_timeout,
-                        shutdown,
-                    ))
-                    .await
-                });
+                let opening = open(stream, peer, service.clone(), shutdown.clone());
+                tokio::spawn(Connection::Opening(Box::pin(opening)));
             }
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning, and say it once.
@@ -245,17 +245,62 @@ pub async fn serve(listener: TcpListener, service: Service, mut shutdown: Shutdo
     }
 }
 
-/// Reads the first request head and hands a stream request to `streams`. Returns the
-/// connection when hyper is to serve it (or serve on).
+/// A connection's first request, and hyper after it when it was not a stream. Returns the
+/// rest of the connection's life: hyper serving on, or the stream a first request opened.
+async fn open(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    service: Service,
+    shutdown: Shutdown,
+) -> Option<BoxFuture<'static, ()>> {
+    let conn = match &service.streams {
+        Some(streams) => match first_request(stream, peer, streams.clone(), &service).await {
+            Taken::Hyper(conn) => conn,
+            Taken::Closed => return None,
+            Taken::Stream(session) => return Some(session),
+        },
+        None => Conn::new(stream, Bytes::new(), service.stall),
+    };
+    let serve = hyper::serve(conn, peer, service.routes, service.header_timeout, shutdown);
+    Some(Box::pin(serve))
+}
+
+/// A connection's task. Both phases are boxed, so the task is as small as tokio's tasks get
+/// (it lives as long as the connection), and what opening took is freed before the rest
+/// begins: a stream needs no second task.
+enum Connection {
+    Opening(BoxFuture<'static, Option<BoxFuture<'static, ()>>>),
+    Open(BoxFuture<'static, ()>),
+}
+
+impl Future for Connection {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match &mut *self {
+                Connection::Opening(opening) => {
+                    match std::task::ready!(opening.as_mut().poll(cx)) {
+                        Some(rest) => *self = Connection::Open(rest),
+                        None => return Poll::Ready(()),
+                    }
+                }
+                Connection::Open(rest) => return rest.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
+/// Reads the first request head and hands a stream request to `streams`.
 async fn first_request(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     streams: StreamHandler,
     service: &Service,
-) -> Option<Conn> {
+) -> Taken {
     match http1::read_first(stream, service.header_timeout, service.stall).await {
-        First::Gone => None,
-        First::Other(conn) => Some(conn),
+        First::Gone => Taken::Closed,
+        First::Other(conn) => Taken::Hyper(conn),
         First::Stream(head, conn) => streams(head, conn, peer).await,
     }
 }
@@ -263,6 +308,14 @@ async fn first_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every connection's task holds this for the connection's life; tokio rounds a task up
+    /// to whole 128-byte lines, and a future over about two dozen bytes costs every socket
+    /// another line (or two, as an unboxed opening did).
+    #[test]
+    fn a_connection_task_holds_two_boxes_at_most() {
+        assert!(std::mem::size_of::<Connection>() <= 24);
+    }
 
     #[tokio::test]
     async fn accepted_sockets_send_small_writes_at_once() {

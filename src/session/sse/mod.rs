@@ -28,7 +28,7 @@ use crate::hub::{Link, Outlet};
 use crate::metrics::Transport;
 use crate::routes::{stream_request, with_state, ApiError};
 use crate::transport::http1::{self, Conn, Framing, Head};
-use crate::transport::PeerAddr;
+use crate::transport::{PeerAddr, Taken};
 use crate::AppState;
 use stream::EventStream;
 
@@ -55,13 +55,13 @@ pub fn route(
 }
 
 /// A `/sse` request as a connection's first request: answered here, without hyper's buffers
-/// (see [`crate::http1`]); the stream then runs in a task of its own.
+/// (see [`crate::http1`]); the stream then runs on in the connection's task.
 pub async fn take_over(
     state: Arc<AppState>,
     head: Head,
     mut conn: Conn,
     peer: SocketAddr,
-) -> Option<Conn> {
+) -> Taken {
     let socket = conn.socket();
     match respond(
         Method::GET,
@@ -75,7 +75,9 @@ pub async fn take_over(
     {
         // Boxed: a refusal is rare, and its answer's state would make every stream's first
         // task kilobytes larger (see `tests::first_request_futures_are_small`).
-        Answer::Plain(res) => Box::pin(http1::answer(conn, res, head.keep_alive)).await,
+        Answer::Plain(res) => Box::pin(http1::answer(conn, res, head.keep_alive))
+            .await
+            .into(),
         Answer::Stream(headers, stream) => {
             let mut res = http::Response::new(());
             *res.headers_mut() = headers;
@@ -85,11 +87,10 @@ pub async fn take_over(
             stream.outlet().take_waiting(&mut bytes);
             let written = conn.write_all(&bytes).await.is_ok();
             stream.outlet().release(Vec::new());
-            if written {
-                // A task sized for the stream alone: the request's state is freed with this one.
-                tokio::spawn(pump(conn, stream));
+            if !written {
+                return Taken::Closed;
             }
-            None
+            Taken::Stream(Box::pin(pump(conn, stream)))
         }
     }
 }

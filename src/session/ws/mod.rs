@@ -26,7 +26,7 @@ use crate::hub::{Link, Outlet, Wire};
 use crate::metrics::Transport;
 use crate::routes::{stream_request, with_state, ApiError};
 use crate::transport::http1::{self, Conn, Head};
-use crate::transport::PeerAddr;
+use crate::transport::{PeerAddr, Taken};
 use crate::AppState;
 use session::Session;
 
@@ -68,32 +68,31 @@ async fn upgrade_in_hyper(
 }
 
 /// An upgrade request as a connection's first request: answered here, without hyper (see
-/// [`crate::transport::http1`]); the session then runs in a task of its own.
+/// [`crate::transport::http1`]); the session then runs on in the connection's task.
 pub async fn take_over(
     state: Arc<AppState>,
     head: Head,
     mut conn: Conn,
     peer: SocketAddr,
-) -> Option<Conn> {
+) -> Taken {
     let accepted = match accept(Method::GET, &head.query, &head.headers, peer, &state).await {
         Ok(accepted) => accepted,
         Err(e) => {
             // After a refused upgrade the client may already be sending frames: close.
             let keep_alive = head.keep_alive && !handshake::is_upgrade(&head.headers);
             // Boxed, as in `sse::take_over`: the refusal's state is kilobytes.
-            return Box::pin(http1::answer(conn, e.into_response(), keep_alive)).await;
+            return Box::pin(http1::answer(conn, e.into_response(), keep_alive))
+                .await
+                .into();
         }
     };
     let bytes = handshake::switching_head(&accepted.key);
     drop(head);
-    if conn.write_all(&bytes).await.is_ok() {
-        // A task sized for the session alone: the handshake's state is freed with this one.
-        // Boxed first: `spawn` would otherwise move the whole session future (kilobytes)
-        // several times on its way into the task.
-        let socket = conn.socket();
-        tokio::spawn(Box::pin(accepted.run(conn, Some(socket), state)));
+    if conn.write_all(&bytes).await.is_err() {
+        return Taken::Closed;
     }
-    None
+    let socket = conn.socket();
+    Taken::Stream(Box::pin(accepted.run(conn, Some(socket), state)))
 }
 
 /// An upgrade request that admission and the handshake check let through.
