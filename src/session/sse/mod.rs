@@ -4,7 +4,7 @@
 //! Every refusal is a plain HTTP answer before the stream starts (400, 401, 403, 404), with CORS
 //! headers so the JS client's `fetch` probe can read the status EventSource hides. As a
 //! connection's first request (the usual case) publishers write each event to the socket
-//! themselves, one chunk serialized once per publish, and `pump`, in a task of its own, writes
+//! themselves, one chunk serialized once per publish, and `pump`, in the connection's task, writes
 //! the stream's own chunks and whatever waited while the socket was full; on a connection
 //! hyper already serves, hyper polls the stream for everything.
 

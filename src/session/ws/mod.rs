@@ -1,7 +1,7 @@
 //! `GET /ws?topic=T`: the WebSocket view of the stream, wire-compatible with the Go worker.
 //!
 //! The request goes through [`crate::admission`] and the handshake check on both HTTP paths;
-//! the session then runs in a task of its own. After the first auth, `subscribe`/`unsubscribe`
+//! the session then runs in the connection's task. After the first auth, `subscribe`/`unsubscribe`
 //! frames add and remove more topics.
 
 mod end;
