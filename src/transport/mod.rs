@@ -254,11 +254,17 @@ async fn open(
     shutdown: Shutdown,
 ) -> Option<BoxFuture<'static, ()>> {
     let conn = match &service.streams {
-        Some(streams) => match first_request(stream, peer, streams.clone(), &service).await {
-            Taken::Hyper(conn) => conn,
-            Taken::Closed => return None,
-            Taken::Stream(session) => return Some(session),
-        },
+        Some(streams) => {
+            match http1::read_first(stream, service.header_timeout, service.stall).await {
+                First::Gone => return None,
+                First::Other(conn) => conn,
+                First::Stream(head, conn) => match streams(head, conn, peer).await {
+                    Taken::Hyper(conn) => conn,
+                    Taken::Closed => return None,
+                    Taken::Stream(session) => return Some(session),
+                },
+            }
+        }
         None => Conn::new(stream, Bytes::new(), service.stall),
     };
     let serve = hyper::serve(conn, peer, service.routes, service.header_timeout, shutdown);
@@ -288,20 +294,6 @@ impl Future for Connection {
                 Connection::Open(rest) => return rest.as_mut().poll(cx),
             }
         }
-    }
-}
-
-/// Reads the first request head and hands a stream request to `streams`.
-async fn first_request(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    streams: StreamHandler,
-    service: &Service,
-) -> Taken {
-    match http1::read_first(stream, service.header_timeout, service.stall).await {
-        First::Gone => Taken::Closed,
-        First::Other(conn) => Taken::Hyper(conn),
-        First::Stream(head, conn) => streams(head, conn, peer).await,
     }
 }
 

@@ -74,7 +74,7 @@ pub async fn take_over(
     .await
     {
         // Boxed: a refusal is rare, and its answer's state would make every stream's first
-        // task kilobytes larger (see `tests::first_request_futures_are_small`).
+        // task kilobytes larger (see `session::tests::first_request_futures_are_small`).
         Answer::Plain(res) => Box::pin(http1::answer(conn, res, head.keep_alive))
             .await
             .into(),
