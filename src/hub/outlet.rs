@@ -1034,14 +1034,32 @@ mod tests {
         let all = frames(2, "x");
         outlet.hold();
         outlet.offer_event(0, &all[1], Offer::Write);
-        let ack = Item::Own(outlet.frame(b"{\"type\":\"auth_ok\"}"));
-        outlet.release(vec![ack, Item::Event(0, all[0].clone())]);
+        release_preface(&outlet, &all[0]);
+        drain_expecting_preface_then(&outlet, ours, &mut client, &all).await;
+    }
+
+    /// A subscription's preface as sessions make it: an acknowledgement, then a replayed event.
+    fn release_preface(outlet: &Outlet, replayed: &Frame) {
+        let ack = Item::Own(outlet.frame(ACK.as_bytes()));
+        outlet.release(vec![ack, Item::Event(0, replayed.clone())]);
+    }
+
+    const ACK: &str = "{\"type\":\"auth_ok\"}";
+
+    /// Drains the outlet to the socket; the client must read the preface (with `all[0]`
+    /// replayed), then `all[1]`.
+    async fn drain_expecting_preface_then(
+        outlet: &Outlet,
+        ours: Arc<TcpStream>,
+        client: &mut TcpStream,
+        all: &[Frame],
+    ) {
         let mut conn = crate::transport::conn::tests_conn(ours);
         poll_fn(|cx| outlet.poll_drain(cx, &mut conn))
             .await
             .unwrap();
-        let texts = read_texts(&mut client, 3).await;
-        assert_eq!(texts[0], "{\"type\":\"auth_ok\"}");
+        let texts = read_texts(client, 3).await;
+        assert_eq!(texts[0], ACK);
         assert_eq!(texts[1], all[0].text());
         assert_eq!(texts[2], all[1].text());
     }
@@ -1054,8 +1072,7 @@ mod tests {
         let outlet = Outlet::new(Wire::WebSocket, Some(ours.clone()), 8);
         let all = frames(2, "x");
         outlet.hold();
-        let ack = Item::Own(outlet.frame(b"{\"type\":\"auth_ok\"}"));
-        outlet.release(vec![ack, Item::Event(0, all[0].clone())]);
+        release_preface(&outlet, &all[0]);
         let mut head = Vec::new();
         outlet.take_waiting(&mut head);
         assert!(!head.is_empty(), "the preface was taken");
@@ -1072,14 +1089,7 @@ mod tests {
         );
         assert_eq!(ours.try_write(&head).unwrap(), head.len());
         outlet.release(Vec::new());
-        let mut conn = crate::transport::conn::tests_conn(ours);
-        poll_fn(|cx| outlet.poll_drain(cx, &mut conn))
-            .await
-            .unwrap();
-        let texts = read_texts(&mut client, 3).await;
-        assert_eq!(texts[0], "{\"type\":\"auth_ok\"}");
-        assert_eq!(texts[1], all[0].text());
-        assert_eq!(texts[2], all[1].text());
+        drain_expecting_preface_then(&outlet, ours, &mut client, &all).await;
     }
 
     /// The socket holds the session's other waker (as its read waker), and that waker holds
