@@ -322,7 +322,7 @@ type Asked = (String, String, Option<String>);
 
 /// `/ws?topic=T`: the first non-empty `topic`; the token comes later, in the first frame.
 fn ws_topics(query: &str) -> Result<Vec<Asked>, ApiError> {
-    let topic = query_pairs(query)?
+    let topic = query_pairs(query)
         .into_iter()
         .find(|(k, v)| k == "topic" && !v.is_empty())
         .map(|(_, v)| v)
@@ -335,7 +335,7 @@ fn ws_topics(query: &str) -> Result<Vec<Asked>, ApiError> {
 fn sse_topics(query: &str, headers: &HeaderMap) -> Result<Vec<Asked>, ApiError> {
     let mut topics: Vec<(String, Option<String>)> = Vec::new();
     let mut query_id = None;
-    for (k, v) in query_pairs(query)? {
+    for (k, v) in query_pairs(query) {
         match k.as_str() {
             "topic" => {
                 check_topic(&v).map_err(|why| ApiError::BadRequest(why.into()))?;

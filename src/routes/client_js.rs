@@ -36,7 +36,7 @@ fn serve(method: Method, query: &str, headers: &HeaderMap) -> Result<Response, A
     if method != Method::GET && method != Method::HEAD {
         return Err(ApiError::MethodNotAllowed("GET, HEAD"));
     }
-    let versioned = query_pairs(query)?
+    let versioned = query_pairs(query)
         .iter()
         .any(|(k, v)| k == "v" && v == crate::VERSION);
     let etag = etag();

@@ -125,7 +125,7 @@ where
             result.map(|(response, _)| response)
         }
         Endpoint::Status => {
-            let with_lists = query_pairs(query)?
+            let with_lists = query_pairs(query)
                 .iter()
                 .any(|(k, v)| k == "topics" && matches!(v.as_str(), "1" | "true" | "yes"));
             Ok(json(&Status::collect(state, with_lists).await))

@@ -182,14 +182,41 @@ pub fn stream_request(
         .and(warp::ext::get::<PeerAddr>())
 }
 
-/// Query parameters in order (repeated keys kept).
-pub fn query_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_str(raw)
-        .map_err(|_| ApiError::BadRequest("malformed query string".into()))
+/// Query parameters in order (repeated keys kept), percent- and `+`-decoded as browsers
+/// encode them. Nothing is refused: invalid UTF-8 after decoding is replaced, as
+/// `serde_urlencoded` (warp's query parser) does.
+pub fn query_pairs(raw: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(raw.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
 }
 
 pub fn with_state(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Arc<AppState>,), Error = std::convert::Infallible> + Clone {
     warp::any().map(move || state.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_pairs_decode_as_browsers_encode_and_keep_every_pair() {
+        let pairs = query_pairs("topic=a%2Eb&token=x+y%2B&topic=&z&=v&%FF=%C3%A9");
+        let expected = [
+            ("topic", "a.b"),
+            ("token", "x y+"),
+            ("topic", ""),
+            ("z", ""),
+            ("", "v"),
+            ("\u{FFFD}", "é"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(pairs, expected);
+        assert!(query_pairs("").is_empty());
+    }
 }

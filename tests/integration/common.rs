@@ -186,9 +186,16 @@ pub fn unix_now() -> i64 {
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// `pairs` as a URL-encoded query string, as browsers encode forms.
+pub fn query(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
 /// Opens `/ws?topic=...` (the topic is URL-encoded here).
 pub async fn ws_open(t: &TestWorker, topic: &str) -> Ws {
-    let q = serde_urlencoded::to_string([("topic", topic)]).unwrap();
+    let q = query(&[("topic", topic)]);
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?{q}", t.public))
         .await
         .expect("upgrade");
@@ -496,10 +503,7 @@ impl SseClient {
 
 /// `/sse?topic=..&token=..` for one topic.
 pub fn sse_path(topic: &str, token: &str) -> String {
-    format!(
-        "/sse?{}",
-        serde_urlencoded::to_string([("topic", topic), ("token", token)]).unwrap()
-    )
+    format!("/sse?{}", query(&[("topic", topic), ("token", token)]))
 }
 
 /// Finds a system program a test needs. Missing: the test is skipped with a clear message,

@@ -60,12 +60,11 @@ async fn a_client_that_saw_no_event_still_resumes_from_its_position() {
     let position = sse.last_id.clone().unwrap();
     drop(sse);
     publish(&t, "radio.2", "7").await;
-    let q = serde_urlencoded::to_string([
+    let q = query(&[
         ("topic", "radio.2"),
         ("token", "x"),
         ("last_event_id", position.as_str()),
-    ])
-    .unwrap();
+    ]);
     let mut again = SseClient::connect(t.public, &format!("/sse?{q}"), &[])
         .await
         .unwrap();
