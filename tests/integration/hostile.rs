@@ -216,6 +216,100 @@ async fn odd_frames_get_defined_answers() {
     assert_eq!(read_text(&mut s).await.unwrap()["payload"], 3);
 }
 
+/// The next server frame from a blocking socket: (opcode, payload); `None` at its end.
+fn read_frame_blocking(r: &mut impl std::io::Read) -> Option<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    r.read_exact(&mut h).ok()?;
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b).ok()?;
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b).ok()?;
+            u64::from_be_bytes(b) as usize
+        }
+        short => short as usize,
+    };
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).ok()?;
+    Some((h[0] & 0x0f, payload))
+}
+
+/// Floods `s` with empty pings from a thread of its own, as a client on another core would,
+/// while another thread reads what comes back. Returns whether the server ended the socket
+/// within `window` (the flood's write failed) and the code of the close frame it sent.
+async fn flood_pings(s: TcpStream, window: Duration) -> (bool, Option<u16>) {
+    let s = s.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    let from_server = std::io::BufReader::new(s.try_clone().unwrap());
+    let stop = s.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut from_server = from_server;
+        let mut close = None;
+        while let Some((op, payload)) = read_frame_blocking(&mut from_server) {
+            if op == 0x8 {
+                close = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            }
+        }
+        close
+    });
+    // 60 KiB of pings per write: the server always finds a frame waiting.
+    let pings: Vec<u8> = (0..10_000).flat_map(|_| frame(0x9, true, b"")).collect();
+    let flood = tokio::task::spawn_blocking(move || {
+        let mut to_server = s;
+        while std::io::Write::write_all(&mut to_server, &pings).is_ok() {}
+    });
+    let ended = tokio::time::timeout(window, flood).await.is_ok();
+    // Ends the flood and the reader if the server did not.
+    let _ = stop.shutdown(std::net::Shutdown::Both);
+    (ended, reader.join().unwrap())
+}
+
+/// Pings are answered without counting against the inbound budget, but they must not hold
+/// off the socket's deadlines: a client that floods pings is still closed at `auth_timeout`
+/// before auth, and at its token's expiry after it.
+#[tokio::test]
+async fn a_ping_flood_does_not_hold_off_deadlines() {
+    let t = start("auth_timeout = \"1s\"\nenforce_token_expiry = true").await;
+    register(&t, "qso.1", true).await;
+    let closed = |reason: &str| {
+        format!("wavelog_worker_websocket_disconnects_total{{reason=\"{reason}\"}} 1")
+    };
+
+    let (s, head) = raw_upgrade(t.public, "/ws?topic=qso.1", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let end = flood_pings(s, Duration::from_secs(6)).await;
+    assert_eq!(
+        end,
+        (true, Some(1008)),
+        "closed within 6 s of pings before auth"
+    );
+    eventually_metric(&t, &closed("auth_timeout")).await;
+
+    let (mut s, _) = raw_upgrade(t.public, "/ws?topic=qso.1", "").await;
+    let auth = json!({"type":"auth","token": token_for("qso.1", 1, 2)}).to_string();
+    s.write_all(&frame(0x1, true, auth.as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(read_text(&mut s).await.unwrap()["type"], "auth_ok");
+    let end = flood_pings(s, Duration::from_secs(8)).await;
+    assert_eq!(
+        end,
+        (true, Some(1008)),
+        "closed within 8 s of pings, token valid for 2 s"
+    );
+    eventually_metric(&t, &closed("token_expired")).await;
+
+    // The worker serves others meanwhile and after.
+    assert_eq!(
+        http(t.public, "GET", "/healthz", &[], b"").await.status,
+        200
+    );
+}
+
 #[tokio::test]
 async fn compression_offers_are_declined() {
     let t = start("").await;
