@@ -140,6 +140,28 @@ impl WsFrames {
     }
 }
 
+/// Has the process `cmd` starts get SIGTERM when this one dies, however it dies: a tool
+/// stopped by `timeout` or a signal cannot stop its worker, nginx or helpers itself, and one of
+/// them left running would skew every later measurement on the machine.
+pub fn dies_with_us(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec, and calls only prctl,
+    // getppid and raise, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the prctl took: nobody will send the signal.
+            if libc::getppid() as u32 != parent {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        })
+    }
+}
+
 pub fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {

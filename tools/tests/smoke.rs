@@ -154,3 +154,72 @@ fn fanout_bench_measures_the_connect_floor() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The processes `pid` started that are still its children.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Whether `pid` still runs (a zombie nobody reaped yet has ended).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// A bench killed by a signal (as `timeout` stops it) takes its worker with it: a worker left
+/// running would skew every later measurement on the machine.
+#[test]
+fn a_killed_bench_leaves_no_worker_running() {
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_fanout-bench"))
+        .args(["run", "--connections", "20", "--topics", "1"])
+        .args(["--events", "0", "--idle-secs", "120"])
+        .arg("--worker-bin")
+        .arg(worker_bin())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let worker = loop {
+        if let Some(&worker) = children_of(bench.id()).first() {
+            break worker;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the bench started no worker"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(running(worker));
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while running(worker) {
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(30),
+            "worker {worker} still runs 30 s after its bench was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

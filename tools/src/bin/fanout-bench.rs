@@ -26,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use wavelog_tools::{
-    cpu_ns, free_port, raise_fd_limit, rss_kib, user_kernel_ns, ws_client_frame,
+    cpu_ns, dies_with_us, free_port, raise_fd_limit, rss_kib, user_kernel_ns, ws_client_frame,
     ws_upgrade_request, ChunkedSse, WsFrames, WS_SAMPLE_ACCEPT,
 };
 use wavelog_worker::token::{self, Claims};
@@ -289,7 +289,7 @@ async fn try_start_node(args: &RunArgs, secret: &str, index: usize) -> Result<No
         std::process::id()
     ));
     std::fs::write(&path, config).map_err(|e| e.to_string())?;
-    let child = Command::new(&bin)
+    let child = dies_with_us(&mut Command::new(&bin))
         .args(["--config", path.to_str().unwrap_or("")])
         .env("RUST_LOG", "warn")
         .env_remove("WORKER_SECRET")
@@ -349,7 +349,7 @@ impl Nchan {
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf).map_err(|e| e.to_string())?;
-        let child = Command::new(nginx)
+        let child = dies_with_us(&mut Command::new(nginx))
             .arg("-c")
             .arg(&path)
             .arg("-p")
@@ -745,7 +745,7 @@ fn spawn_helpers(
             plan.range.0 + total * p / processes,
             plan.range.0 + total * (p + 1) / processes,
         );
-        let mut child = Command::new(&exe)
+        let mut child = dies_with_us(&mut Command::new(&exe))
             .arg("subscribe")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

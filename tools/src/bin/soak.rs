@@ -108,7 +108,7 @@ fn main() {
 }
 
 fn start_worker(bin: &Path, config: &Path) -> Result<Child, String> {
-    Command::new(bin)
+    wavelog_tools::dies_with_us(&mut Command::new(bin))
         .args(["--config", config.to_str().unwrap_or("")])
         .env("RUST_LOG", "warn")
         .env_remove("WORKER_SECRET")
