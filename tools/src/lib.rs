@@ -142,7 +142,9 @@ impl WsFrames {
 
 /// Has the process `cmd` starts get SIGTERM when this one dies, however it dies: a tool
 /// stopped by `timeout` or a signal cannot stop its worker, nginx or helpers itself, and one of
-/// them left running would skew every later measurement on the machine.
+/// them left running would skew every later measurement on the machine. (The kernel sends it
+/// when the thread that spawned the child ends: spawn from the main thread or a runtime worker,
+/// not from a blocking-pool thread, which ends when idle.)
 pub fn dies_with_us(cmd: &mut std::process::Command) -> &mut std::process::Command {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id();
